@@ -1,0 +1,38 @@
+// One registry for every op the extension provides (namespace `vreason_C`).
+// Schemas live here; each backend file adds its kernels with TORCH_LIBRARY_IMPL.
+// The Python layer (vreason_kernels/ops/*/op.py) wraps these in the public
+// `torch.library` custom ops with autograd, so nothing here handles gradients.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(vreason_C, m) {
+  // Fused linear entropy over rows of `hidden [R, D]` against `weight [V, D]`.
+  // Returns (entropy f32 [R], dH/dhidden f32 [R, D] (empty unless need_grad),
+  //          lse f32 [R], mu f32 [R], logits [R, V] in hidden's dtype (empty unless
+  //          return_logits)). lse and mu are in units of z = (W h + b) / temperature.
+  m.def(
+      "linear_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, float temperature, "
+      "bool need_grad, bool return_logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Second pass for dW = sum_r g_r dH_r/dz (x) h_r / temperature and db likewise.
+  // Returns (grad_weight f32 [V, D], grad_bias f32 [V] (empty unless need_bias)).
+  m.def(
+      "linear_entropy_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, float temperature, "
+      "Tensor lse, Tensor mu, Tensor grad_entropy, bool need_bias) -> (Tensor, Tensor)");
+  // Attention whose value rows at span positions are replaced by the norm-preserving
+  // map v' = (v + delta) ||v|| / max(||v + delta||, eps). span_index [N] int32 maps a
+  // position to its row in delta_v, or -1. attn_bias is additive f32, broadcastable
+  // to [B, Hq, T, N]. Returns (out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T]).
+  m.def(
+      "value_delta_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? delta_v, "
+      "Tensor span_index, Tensor? attn_bias, float scale, bool causal) -> (Tensor, Tensor)");
+  // Returns (grad_query, grad_delta_v) in f32; grad_delta_v is empty when delta_v is None.
+  m.def(
+      "value_delta_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor? delta_v, Tensor span_index, Tensor? attn_bias, float scale, bool causal, "
+      "Tensor out, Tensor lse) -> (Tensor, Tensor)");
+}
+
+// Importing `vreason_kernels._C` runs the static registrations above; the module
+// itself exposes nothing to Python.
+static struct PyModuleDef vreason_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&vreason_module); }

@@ -1,0 +1,14 @@
+"""vreason-kernels: fused kernels for V-Reason inference-time entropy control.
+
+Public API (DESIGN.md §3)::
+
+    import vreason_kernels as vk
+    vk.linear_entropy(hidden, weight, bias=None, *, temperature=1.0, return_logits=False, backend="auto")
+"""
+
+from vreason_kernels import _extension  # noqa: F401  (loads the C++ ops, or warns once)
+from vreason_kernels.backend import BACKENDS
+from vreason_kernels.ops.linear_entropy import linear_entropy
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "linear_entropy"]

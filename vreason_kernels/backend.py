@@ -1,0 +1,41 @@
+"""Backend names and how ``backend="auto"`` resolves them (DESIGN.md §3).
+
+- ``"auto"``: Triton on CUDA tensors, the C++ extension on CPU tensors (the torch
+  reference when the extension is missing).
+- ``"triton"``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+- ``"cpp"``: the compiled extension.
+- ``"torch"``: the pure-PyTorch reference, the spec the fused paths must match.
+"""
+
+import os
+
+import torch
+
+from vreason_kernels._extension import EXTENSION_ERROR, HAS_EXTENSION
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a user-facing backend name to a concrete one for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if HAS_EXTENSION and device.type == "cpu" else "torch"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); "
+            "on CPU set TRITON_INTERPRET=1 before importing triton, or use backend='cpp'/'torch'"
+        )
+    if backend == "cpp":
+        if not HAS_EXTENSION:
+            raise RuntimeError(f"backend='cpp' needs the compiled extension, which failed to load: {EXTENSION_ERROR}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors only, got {device.type} tensors")
+    return backend

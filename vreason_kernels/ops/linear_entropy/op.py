@@ -1,0 +1,183 @@
+"""``linear_entropy``: the public op, a ``torch.library`` custom op with autograd.
+
+The forward of every backend returns ``dH/dh`` from the same single pass over the
+weight that gives the entropy (DESIGN.md §2.1), so the backward for ``hidden`` only
+scales it by ``grad_output``. ``dW``/``db`` take a second pass over the weight, run
+only when the weight or bias requires grad.
+"""
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vreason_kernels._checks import check_same, check_tensor
+from vreason_kernels.backend import resolve_backend
+
+_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
+
+
+def _backend_impl(backend: str):
+    # Imported lazily: the package must import without triton or the extension.
+    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("vreason::linear_entropy_fwd", mutates_args=())
+def _linear_entropy_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    need_grad: bool,
+    return_logits: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backend_impl(backend).forward(hidden, weight, bias, temperature, need_grad, return_logits)
+
+
+@_linear_entropy_fwd.register_fake
+def _(hidden, weight, bias, temperature, need_grad, return_logits, backend):
+    rows, dim = hidden.shape
+    acc = _acc_dtype(hidden.dtype)
+    row_stat = hidden.new_empty(rows, dtype=acc)
+    return (
+        row_stat,
+        hidden.new_empty((rows, dim) if need_grad else (0,), dtype=acc),
+        torch.empty_like(row_stat),
+        torch.empty_like(row_stat),
+        hidden.new_empty((rows, weight.shape[0]) if return_logits else (0,)),
+    )
+
+
+@torch.library.custom_op("vreason::linear_entropy_weight_grad", mutates_args=())
+def _linear_entropy_weight_grad(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    lse: Tensor,
+    mu: Tensor,
+    grad_entropy: Tensor,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _backend_impl(backend).weight_grad(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias)
+
+
+@_linear_entropy_weight_grad.register_fake
+def _(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias, backend):
+    acc = _acc_dtype(hidden.dtype)
+    return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape[0] if need_bias else 0, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, temperature, _, return_logits, backend = inputs
+    _, dh, lse, mu, _ = output
+    ctx.save_for_backward(hidden, weight, bias, dh, lse, mu)
+    ctx.temperature, ctx.return_logits, ctx.backend = temperature, return_logits, backend
+
+
+def _backward(ctx, g_entropy, _g_dh, _g_lse, _g_mu, g_logits):
+    hidden, weight, bias, dh, lse, mu = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_hidden = grad_weight = grad_bias = None
+    if need_hidden:
+        grad_hidden = g_entropy.to(dh.dtype).unsqueeze(-1) * dh
+    if need_weight or need_bias:
+        grad_weight, grad_bias = _linear_entropy_weight_grad(
+            hidden, weight, bias, ctx.temperature, lse, mu, g_entropy.to(lse.dtype), need_bias, ctx.backend
+        )
+    if ctx.return_logits:
+        # Returned logits are W h + b, an ordinary linear layer's output.
+        g = g_logits.to(lse.dtype)
+        if need_hidden:
+            grad_hidden = grad_hidden + g @ weight.to(g.dtype)
+        if need_weight:
+            grad_weight = grad_weight + g.transpose(0, 1) @ hidden.to(g.dtype)
+        if need_bias:
+            grad_bias = grad_bias + g.sum(0)
+    return (
+        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        None if grad_weight is None or not need_weight else grad_weight.to(weight.dtype),
+        None if grad_bias is None or not need_bias else grad_bias.to(bias.dtype),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_linear_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_args(hidden, weight, bias, temperature) -> None:
+    check_tensor("hidden", hidden, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    dim = hidden.shape[-1]
+    if weight.shape[1] != dim:
+        raise ValueError(
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {dim}, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    check_same("dtype", "hidden", hidden, [("weight", weight), ("bias", bias)])
+    check_same("device", "hidden", hidden, [("weight", weight), ("bias", bias)])
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def linear_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    return_logits: bool = False,
+    backend: str = "auto",
+):
+    """Entropy (nats) of ``softmax((hidden @ weight.T + bias) / temperature)`` per row.
+
+    Args:
+        hidden: ``[..., D]`` float32/float16/bfloat16 (float64 with ``backend="torch"``).
+        weight: ``[V, D]``, same dtype and device as ``hidden`` (an LM head's weight).
+        bias: optional ``[V]``; ``-inf`` entries mask those vocabulary items.
+        temperature: softmax temperature, finite and > 0 (default 1.0).
+        return_logits: also return ``hidden @ weight.T + bias`` (without temperature),
+            ``[..., V]`` in ``hidden``'s dtype. Off by default: the fused backends never
+            materialise the logits otherwise.
+        backend: ``"auto"`` (default: Triton on CUDA, C++ on CPU), ``"triton"``,
+            ``"cpp"`` or ``"torch"``.
+
+    Returns:
+        ``entropy [...]`` as float32, or ``(entropy, logits)``. Differentiable in
+        ``hidden``, and in ``weight``/``bias`` when they require grad.
+    """
+    _check_args(hidden, weight, bias, temperature)
+    resolved = resolve_backend(backend, hidden.device)
+    if hidden.dtype == torch.float64:
+        if backend == "auto":
+            resolved = "torch"
+        elif resolved != "torch":
+            raise TypeError(f"hidden of dtype float64 is supported only by backend='torch', not {backend!r}")
+    lead, dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
+    rows = hidden.reshape(-1, dim).contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    entropy, _, _, _, logits = _linear_entropy_fwd(
+        rows, weight, bias, float(temperature), need_grad, return_logits, resolved
+    )
+    entropy = entropy.reshape(lead)
+    return (entropy, logits.reshape(*lead, vocab)) if return_logits else entropy
