@@ -9,6 +9,7 @@ Public API (DESIGN.md §3)::
 from vreason_kernels import _extension  # noqa: F401  (loads the C++ ops, or warns once)
 from vreason_kernels.backend import BACKENDS
 from vreason_kernels.ops.linear_entropy import linear_entropy
+from vreason_kernels.ops.value_delta_attention import value_delta_attention
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "linear_entropy"]
+__all__ = ["BACKENDS", "linear_entropy", "value_delta_attention"]

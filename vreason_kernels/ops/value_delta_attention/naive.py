@@ -1,0 +1,167 @@
+"""Pure-PyTorch reference for value-delta attention: the spec the kernels must match.
+
+Value rows at the span positions are replaced by the norm-preserving map (DESIGN.md §2.2)
+
+    u = v + delta,   n = max(||u||, eps),   v' = u ||v|| / n        (eps = 1e-6)
+
+with the norm taken per (batch, kv-head, position) vector of length D, and then
+
+    out[t] = sum_i p[t, i] v'[i],   p[t] = softmax_i(scale q[t].k[i] + bias[t, i])
+
+with GQA (q-head h reads kv-head h // (Hq / Hkv)), ``bias`` the additive mask and a
+bottom-right aligned causal mask (query t sees key i iff i <= t + N - T, as in
+flash-attn). A query row that sees no key outputs 0 and gets zero gradients.
+
+Two things live here:
+- ``value_delta_attention``: the differentiable reference with the public signature,
+  materialising v' and using an explicit softmax; it runs in the inputs' dtype, so it is
+  both the float64 reference and the same-dtype baseline of the tests.
+- ``forward``/``backward``: the ``"torch"`` backend of the custom op (op.py), with the
+  contract every backend shares. Custom-op bodies run below autograd, so the backward
+  is in closed form (DESIGN.md §2.3 chained through §2.2).
+"""
+
+from typing import Optional
+
+import torch
+
+EPS = 1e-6
+
+
+def modulate_rows(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """v' = (v + delta) ||v|| / max(||v + delta||, eps) row-wise over the last dim."""
+    u = value + delta
+    scale = torch.linalg.vector_norm(value, dim=-1, keepdim=True) / torch.linalg.vector_norm(
+        u, dim=-1, keepdim=True
+    ).clamp_min(EPS)
+    return u * scale
+
+
+def mask_to_bias(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Boolean mask (True = attend, as in SDPA) -> additive 0 / -inf; additive masks pass through."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+        return torch.where(attention_mask, zero, float("-inf"))
+    return attention_mask.to(dtype)
+
+
+def causal_bias(t: int, n: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """[T, N] additive causal mask, bottom-right aligned: row t sees key i iff i <= t + N - T."""
+    rows = torch.arange(t, device=device).unsqueeze(1) + (n - t)
+    keep = torch.arange(n, device=device).unsqueeze(0) <= rows
+    return torch.zeros((), dtype=dtype, device=device).where(keep, float("-inf"))
+
+
+def _scores(query, key, attn_bias, scale: float, causal: bool) -> torch.Tensor:
+    """Masked scores grouped by kv-head: [B, Hkv, G, T, N] (G = Hq / Hkv) in query's dtype."""
+    b, hq, t, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    q = query.reshape(b, hkv, hq // hkv, t, d)
+    s = (q @ key.unsqueeze(2).transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.to(s.dtype).expand(b, hq, t, n).reshape(b, hkv, hq // hkv, t, n)
+    if causal:
+        s = s + causal_bias(t, n, s.device, s.dtype)
+    return s
+
+
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim that gives 0 (not NaN) on rows with every entry -inf."""
+    m = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def value_delta_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    delta_v: Optional[torch.Tensor] = None,
+    span: Optional[torch.Tensor] = None,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Differentiable reference with the public signature, computed in the inputs' dtype."""
+    if delta_v is not None:
+        span = span.long()
+        value = value.index_copy(2, span, modulate_rows(value.index_select(2, span), delta_v))
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    s = _scores(query, key, mask_to_bias(attention_mask, query.dtype), scale, causal)
+    return (_softmax(s) @ value.unsqueeze(2)).flatten(1, 2)
+
+
+# ---- the "torch" backend of the custom op: same contract as the fused backends ----
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _span_rows(value, delta_v, span_index):
+    """(in_span [N, 1] bool, delta gathered onto positions [B, Hkv, N, D], 0 off the span)."""
+    in_span = (span_index >= 0).unsqueeze(-1)
+    delta = _acc(delta_v).index_select(2, span_index.clamp_min(0).long())
+    return in_span, delta * in_span
+
+
+def _modulated_values(value, delta_v, span_index) -> torch.Tensor:
+    v = _acc(value)
+    if delta_v is None or delta_v.shape[2] == 0:
+        return v
+    in_span, delta = _span_rows(v, delta_v, span_index)
+    return torch.where(in_span, modulate_rows(v, delta), v)
+
+
+def _probs(query, key, attn_bias, scale: float, causal: bool, lse: Optional[torch.Tensor] = None):
+    """(P [B, Hkv, G, T, N], lse [B, Hkv, G, T]); rows that see no key have P = 0, lse = -inf."""
+    s = _scores(_acc(query), _acc(key), attn_bias, scale, causal)
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    p = torch.where(finite, torch.exp(s - torch.where(finite, lse.unsqueeze(-1), 0.0)), 0.0)
+    return p, lse
+
+
+def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool):
+    """Backend contract: (out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T])."""
+    p, lse = _probs(query, key, attn_bias, scale, causal)
+    out = p @ _modulated_values(value, delta_v, span_index).unsqueeze(2)
+    return out.flatten(1, 2).to(query.dtype), lse.flatten(1, 2)
+
+
+def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
+    """Backend contract: (grad_query f32 [B, Hq, T, D], grad_delta_v f32 [B, Hkv, S, D] | [0]).
+
+    FA2 backward with P recomputed from lse:
+        dV' = P^T dO summed over the q-heads of each kv group,
+        dS  = P * (dO V'^T - D),  D = rowsum(dO * O),   dQ = scale dS K,
+    and at span rows dV' goes through §2.2: d delta = (||v||/n) (g - (g.u_hat) u_hat).
+    """
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    p, _ = _probs(query, key, attn_bias, scale, causal, lse.reshape(b, hkv, hq // hkv, t))
+    v_mod = _modulated_values(value, delta_v, span_index).unsqueeze(2)
+    do = _acc(grad_out).reshape(p.shape[:-1] + (d,))
+    rowsum = (do * _acc(out).reshape(do.shape)).sum(-1, keepdim=True)
+    ds = p * (do @ v_mod.transpose(-1, -2) - rowsum)
+    grad_query = (scale * (ds @ _acc(key).unsqueeze(2))).flatten(1, 2)
+    if delta_v is None:
+        return grad_query, query.new_empty(0, dtype=grad_query.dtype)
+    grad_v = (p.transpose(-1, -2) @ do).sum(2)  # [B, Hkv, N, D]
+    v = _acc(value)
+    in_span, delta = _span_rows(v, delta_v, span_index)
+    u = v + delta
+    n = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(EPS)
+    u_hat = u / n
+    grad_pos = torch.linalg.vector_norm(v, dim=-1, keepdim=True) / n
+    grad_pos = grad_pos * (grad_v - (grad_v * u_hat).sum(-1, keepdim=True) * u_hat)
+    # Row j of delta_v sits at the position whose span_index is j.
+    positions = in_span.squeeze(-1).nonzero().squeeze(-1)
+    grad_delta = grad_query.new_zeros(delta_v.shape)
+    grad_delta.index_copy_(2, span_index[positions].long(), grad_pos.index_select(2, positions))
+    return grad_query, grad_delta

@@ -1,0 +1,242 @@
+"""``value_delta_attention``: the public op, a ``torch.library`` custom op with autograd.
+
+The public function validates the arguments, turns ``span`` into ``span_index [N]``
+(position -> row of ``delta_v``, or -1) and a boolean mask into an additive f32 bias
+(0 / -inf) expanded to ``[B, Hq, T, N]`` without copying, then calls the backend's
+forward. The backward needs only ``(out, lse)`` from it: P is recomputed from lse, as in
+flash-attention, and the gradient of ``delta_v`` is chained through §2.2 inside the
+backend (DESIGN.md §2.3).
+"""
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vreason_kernels._checks import check_same, check_tensor
+from vreason_kernels.backend import resolve_backend
+from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
+
+_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
+
+
+def _backend_impl(backend: str):
+    # Imported lazily: the package must import without triton or the extension.
+    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("vreason::value_delta_span_index", mutates_args=())
+def _span_index(span: Tensor, n: int) -> Tensor:
+    """int32 [N]: row of ``delta_v`` at each span position, -1 elsewhere.
+
+    A custom op so that the data-dependent checks of ``span`` run eagerly, also under
+    ``torch.compile`` (traced code cannot branch on tensor values).
+    """
+    if span.numel():
+        lo, hi = int(span.min()), int(span.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"span positions must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
+        if not bool((span[1:] > span[:-1]).all()):
+            raise ValueError("span must be sorted in increasing order with unique positions")
+    index = torch.full((n,), -1, dtype=torch.int32, device=span.device)
+    index[span.long()] = torch.arange(span.numel(), dtype=torch.int32, device=span.device)
+    return index
+
+
+@_span_index.register_fake
+def _(span, n):
+    return span.new_empty(n, dtype=torch.int32)
+
+
+@torch.library.custom_op("vreason::value_delta_attention_fwd", mutates_args=())
+def _attention_fwd(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    delta_v: Optional[Tensor],
+    span_index: Tensor,
+    attn_bias: Optional[Tensor],
+    scale: float,
+    causal: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _backend_impl(backend).forward(query, key, value, delta_v, span_index, attn_bias, scale, causal)
+
+
+@_attention_fwd.register_fake
+def _(query, key, value, delta_v, span_index, attn_bias, scale, causal, backend):
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=_acc_dtype(query.dtype))
+
+
+@torch.library.custom_op("vreason::value_delta_attention_bwd", mutates_args=())
+def _attention_bwd(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    delta_v: Optional[Tensor],
+    span_index: Tensor,
+    attn_bias: Optional[Tensor],
+    scale: float,
+    causal: bool,
+    out: Tensor,
+    lse: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _backend_impl(backend).backward(
+        grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse
+    )
+
+
+@_attention_bwd.register_fake
+def _(grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse, backend):
+    acc = _acc_dtype(query.dtype)
+    grad_delta = query.new_empty(0, dtype=acc) if delta_v is None else delta_v.new_empty(delta_v.shape, dtype=acc)
+    return query.new_empty(query.shape, dtype=acc), grad_delta
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, delta_v, span_index, attn_bias, scale, causal, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, delta_v, span_index, attn_bias, out, lse)
+    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, delta_v, span_index, attn_bias, out, lse = ctx.saved_tensors
+    need_query, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_query = grad_delta = None
+    if need_query or need_delta:
+        grad_query, grad_delta = _attention_bwd(
+            grad_out.contiguous(), query, key, value, delta_v, span_index, attn_bias,
+            ctx.scale, ctx.causal, out, lse, ctx.backend,
+        )  # fmt: skip
+        grad_query = grad_query.to(query.dtype) if need_query else None
+        grad_delta = grad_delta.to(delta_v.dtype) if need_delta else None
+    return grad_query, None, None, grad_delta, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_args(query, key, value, delta_v, span, attention_mask, scale) -> None:
+    check_tensor("query", query, ndim=4)
+    check_tensor("key", key, ndim=4)
+    check_tensor("value", value, ndim=4)
+    b, hq, t, d = query.shape
+    if min(query.shape) == 0:
+        raise ValueError(f"query [B, Hq, T, D] must have no empty dim, got shape {tuple(query.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    bk, hkv, n, dk = key.shape
+    if bk != b or dk != d or n == 0:
+        raise ValueError(
+            f"key/value must have shape [B, Hkv, N, D] = [{b}, Hkv, N >= 1, {d}] to match query, "
+            f"got {tuple(key.shape)}"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads Hq = {hq} must be a multiple of key/value heads Hkv = {hkv} (GQA)")
+    tensors = [("key", key), ("value", value), ("delta_v", delta_v)]
+    check_same("dtype", "query", query, tensors)
+    check_same("device", "query", query, tensors + [("span", span), ("attention_mask", attention_mask)])
+    if delta_v is not None:
+        check_tensor("delta_v", delta_v, ndim=4)
+        if span is None:
+            raise ValueError("span is required when delta_v is given")
+    if span is not None:
+        check_tensor("span", span, ndim=1, floating=False)
+        if span.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"span must be an int32/int64 tensor of positions, got {span.dtype}")
+        if delta_v is not None and delta_v.shape != (b, hkv, span.shape[0], d):
+            raise ValueError(
+                f"delta_v must have shape [B, Hkv, S, D] = {[b, hkv, span.shape[0], d]}, got {tuple(delta_v.shape)}"
+            )
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, floating=False)
+        if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+            raise TypeError(f"attention_mask must be boolean or floating (additive), got {attention_mask.dtype}")
+        ok = attention_mask.dim() <= 4 and all(
+            s in (1, full) for s, full in zip(attention_mask.shape[::-1], (n, t, hq, b))
+        )
+        if not ok:
+            raise ValueError(
+                f"attention_mask must be broadcastable to [B, 1 | Hq, T, N] = [{b}, 1 | {hq}, {t}, {n}], "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    for name, x in (("key", key), ("value", value)):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but value_delta_attention is differentiable only in query and delta_v; "
+                f"pass {name}.detach() (the KV cache is frozen)"
+            )
+
+
+def _last_dim_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def value_delta_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    delta_v: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention over a KV cache whose value rows at ``span`` carry a norm-preserving delta.
+
+    Args:
+        query: ``[B, Hq, T, D]`` float32/float16/bfloat16 (float64 with ``backend="torch"``).
+        key, value: ``[B, Hkv, N, D]`` (HF cache layout), Hq a multiple of Hkv (GQA), same
+            dtype and device as ``query``. Must not require grad.
+        delta_v: optional ``[B, Hkv, S, D]``; value row ``span[j]`` becomes
+            ``(v + delta_v[..., j, :]) ||v|| / max(||v + delta_v[..., j, :]||, 1e-6)``.
+            ``None`` gives plain attention. The modulated V is never materialised by the
+            fused backends.
+        span: int32/int64 ``[S]``, sorted unique positions in ``[0, N)``.
+        attention_mask: optional boolean (True = attend) or additive float mask
+            broadcastable to ``[B, 1 | Hq, T, N]``, as transformers passes it to SDPA.
+        scale: score scale, default ``1 / sqrt(D)``.
+        causal: bottom-right aligned causal mask (query t sees key i iff i <= t + N - T).
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or ``"torch"``.
+
+    Returns:
+        ``[B, Hq, T, D]`` in ``query``'s dtype; rows that see no key are 0. Differentiable
+        in ``query`` and ``delta_v``.
+    """
+    _check_args(query, key, value, delta_v, span, attention_mask, scale)
+    resolved = resolve_backend(backend, query.device)
+    if query.dtype == torch.float64:
+        if backend == "auto":
+            resolved = "torch"
+        elif resolved != "torch":
+            raise TypeError(f"query of dtype float64 is supported only by backend='torch', not {backend!r}")
+    b, hq, t, d = query.shape
+    n = key.shape[2]
+    if delta_v is None:
+        span_index = torch.full((n,), -1, dtype=torch.int32, device=query.device)
+    else:
+        span_index = _span_index(span, n)
+    attn_bias = mask_to_bias(attention_mask, _acc_dtype(query.dtype))
+    if attn_bias is not None:
+        attn_bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + attn_bias.shape).expand(b, hq, t, n)
+    scale = float(d**-0.5 if scale is None else scale)
+    out, _ = _attention_fwd(
+        _last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
+        _last_dim_contiguous(delta_v), span_index, _last_dim_contiguous(attn_bias), scale, bool(causal), resolved,
+    )  # fmt: skip
+    return out
