@@ -1,0 +1,564 @@
+// CPU kernels of the fused linear entropy (DESIGN.md §2.1).
+//
+// Per row h of hidden, with z_j = (w_j . h + b_j) / tau and p = softmax(z):
+//   H = logsumexp(z) - sum_j p_j z_j,   dH/dz_j = -p_j (z_j - mu),   mu = E_p[z],
+//   dH/dh = sum_j dH/dz_j w_j / tau.
+// The forward keeps, relative to a running max m of z,
+//   s = sum e_j,  t = sum e_j d_j,  A = sum e_j w_j,  B = sum e_j d_j w_j,
+//   with d_j = z_j - m and e_j = exp(d_j),
+// so that H = log s - t/s, mu = m + t/s and
+//   dH/dh = -(1/(s tau)) sum_j e_j (d_j - t/s) w_j = -(B - (t/s) A) / (s tau).
+// When m rises to m' (r = e^{m-m'}, every d_j shifts by m-m'):
+//   t <- r (t + (m-m') s),  B <- r (B + (m-m') A),  s <- r s,  A <- r A.
+// The same rule merges two partial states: rebase both on the larger max, then add.
+// Hence entropy and dH/dh need each row of W once, right after its logit: W is
+// read in tiles that stay in cache between the logit (w_j . h) and the A/B update.
+//
+// Work split. The vocabulary is cut into fixed chunks of kChunk rows of W (never
+// derived from the thread count); each (row, chunk) pair yields a partial state,
+// and the partials are merged chunk by chunk in ascending order. So the same input
+// gives the same bits at any thread count, with no atomics.
+//   * Few rows (decode): a tile is kSubRows rows of W (L2-resident); logits come
+//     from hand-vectorised dot products and A/B from vectorised row updates, so W
+//     streams from memory exactly once.
+//   * Many rows: a tile is a whole chunk and both products are GEMMs (at::mm),
+//     run single-threaded inside the chunk task, with rows in groups of kGemmRows
+//     to bound the partials' memory.
+// The weight gradient is a second pass: dW_j = sum_r g_r dH_r/dz_rj h_r / tau with
+// dH/dz recomputed from (lse, mu); each chunk owns its rows of dW, so no merging.
+//
+// Masked vocabulary (z_j = -inf) gets e_j = 0 and contributes exactly 0: products
+// e_j * d_j are formed only for e_j > 0, so 0 * inf never occurs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "common.h"
+
+// The build passes no -march flag, so the hot loops are compiled for several ISAs and
+// the loader picks the best one the CPU supports (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VREASON_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VREASON_SIMD_CLONES
+#endif
+
+// The dtypes the kernels take (float64 goes to the torch backend in op.py).
+#define VREASON_LE_CASES(...)                   \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
+  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
+
+namespace vreason {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 2048;      // W rows per parallel task and per merged partial
+constexpr int64_t kSubRows = 16;      // W rows per tile of the direct path (16 x D fp32 fits L2)
+constexpr int64_t kDirectMaxRows = 8; // above this many rows, GEMM tiles win
+constexpr int64_t kGemmRows = 128;    // hidden rows per group on the GEMM path
+
+// ---------------------------------------------------------------- vector kernels
+
+// out[j] = h . w_j for n rows of w (row stride ldw). Four rows at a time give four
+// independent accumulator chains and one load of h per four FMAs.
+VREASON_SIMD_CLONES void dot_rows(const float* __restrict h, const float* __restrict w, int64_t ldw, int64_t n,
+                                  int64_t dim, float* __restrict out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* w0 = w + j * ldw;
+    const float* w1 = w0 + ldw;
+    const float* w2 = w1 + ldw;
+    const float* w3 = w2 + ldw;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < dim; ++d) {
+      const float x = h[d];
+      a0 += x * w0[d];
+      a1 += x * w1[d];
+      a2 += x * w2[d];
+      a3 += x * w3[d];
+    }
+    out[j] = a0;
+    out[j + 1] = a1;
+    out[j + 2] = a2;
+    out[j + 3] = a3;
+  }
+  for (; j < n; ++j) {
+    const float* wj = w + j * ldw;
+    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+    for (int64_t d = 0; d < dim; ++d) a += h[d] * wj[d];
+    out[j] = a;
+  }
+}
+
+// out += sum_i coef[i] * rows_i for n rows (row stride ld), i in ascending order.
+VREASON_SIMD_CLONES void accumulate_rows(float* __restrict out, const float* __restrict coef,
+                                         const float* __restrict rows, int64_t ld, int64_t n, int64_t dim) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float c0 = coef[i], c1 = coef[i + 1], c2 = coef[i + 2], c3 = coef[i + 3];
+    const float* r0 = rows + i * ld;
+    const float* r1 = r0 + ld;
+    const float* r2 = r1 + ld;
+    const float* r3 = r2 + ld;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) out[d] += c0 * r0[d] + c1 * r1[d] + c2 * r2[d] + c3 * r3[d];
+  }
+  for (; i < n; ++i) {
+    const float c = coef[i];
+    const float* r = rows + i * ld;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) out[d] += c * r[d];
+  }
+}
+
+// The D-vector half of the rebase rule: B <- r (B + dm A), A <- r A.
+VREASON_SIMD_CLONES void rebase_vectors(float* __restrict a, float* __restrict b, float r, float dm, int64_t dim) {
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) {
+    b[d] = r * (b[d] + dm * a[d]);
+    a[d] = r * a[d];
+  }
+}
+
+// Upcasts at load. Both conversions are written on the bits so that they vectorise
+// on any ISA (the _Float16 cast stays scalar without AVX512-FP16).
+VREASON_SIMD_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    dst[i] = f;
+  }
+}
+
+// fp16 -> fp32: shift exponent and mantissa into place and rescale by 2^(127-15),
+// which also turns fp16 subnormals into the right fp32 normals; inf/NaN keep an
+// all-ones exponent.
+VREASON_SIMD_CLONES void widen_fp16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t h = src[i];
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t body = (h & 0x7fffu) << 13;
+    float f;
+    std::memcpy(&f, &body, sizeof f);
+    f *= 0x1p112f;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    bits = (h & 0x7c00u) == 0x7c00u ? (body | 0x7f800000u) : bits;
+    bits |= sign;
+    std::memcpy(&f, &bits, sizeof f);
+    dst[i] = f;
+  }
+}
+
+template <typename scalar_t>
+void widen(const scalar_t* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    widen_bf16(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>);
+    widen_fp16(reinterpret_cast<const uint16_t*>(src), dst, n);
+  }
+}
+
+// ---------------------------------------------------------------- online state
+
+// One row's (m, s, t, A, B) relative to the running max m; A and B point into the
+// partial-state buffer (null when no gradient is wanted).
+struct RowState {
+  float* m;
+  float* s;
+  float* t;
+  float* a;
+  float* b;
+};
+
+void rebase(const RowState& st, float m_new, int64_t dim) {
+  // An empty state (m = -inf) holds exact zeros: only its max moves. This also keeps
+  // (m - m_new) = -inf away from the products below.
+  if (*st.m == kNegInf) {
+    *st.m = m_new;
+    return;
+  }
+  const float dm = *st.m - m_new;
+  const float r = std::exp(dm);
+  *st.t = r * (*st.t + dm * *st.s);
+  *st.s = r * *st.s;
+  if (st.a != nullptr) rebase_vectors(st.a, st.b, r, dm, dim);
+  *st.m = m_new;
+}
+
+// Folds the scaled logits z[0, n) of one row into its state and writes the weights
+// e_j, e_j d_j of the A/B update. Returns false when the whole tile is masked.
+bool fold_tile(const RowState& st, const float* z, int64_t n, int64_t dim, float* e, float* f) {
+  float tile_max = kNegInf;
+  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, z[j]);
+  if (tile_max == kNegInf) {
+    std::fill(e, e + n, 0.f);
+    std::fill(f, f + n, 0.f);
+    return false;
+  }
+  if (tile_max > *st.m) rebase(st, tile_max, dim);
+  const float m = *st.m;
+  float s = 0.f, t = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = z[j] - m;
+    const float ej = std::exp(d);  // exp(-inf) = 0 for masked entries
+    const float fj = ej > 0.f ? ej * d : 0.f;
+    e[j] = ej;
+    f[j] = fj;
+    s += ej;
+    t += fj;
+  }
+  *st.s += s;
+  *st.t += t;
+  return true;
+}
+
+// ---------------------------------------------------------------- shared tile logic
+
+// Everything one call needs, in fp32 where the kernels read it.
+template <typename scalar_t>
+struct Problem {
+  const float* hidden;      // [R, D] fp32 (upcast once)
+  const scalar_t* weight;   // [V, D], row stride ldw
+  int64_t ldw;
+  const scalar_t* bias;     // [V] or null
+  scalar_t* logits;         // [R, V] or null
+  int64_t rows, dim, vocab;
+  float inv_tau;
+  bool gemm;                // GEMM tiles (many rows) or direct tiles (few rows)
+};
+
+// Per-task scratch: the fp32 copy of a W tile (when W is not fp32) and the logit tile.
+struct TileScratch {
+  at::Tensor wbuf, z;
+};
+
+template <typename scalar_t>
+TileScratch make_scratch(const Problem<scalar_t>& p, int64_t group, int64_t tile) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  TileScratch sc;
+  if (!std::is_same_v<scalar_t, float>) sc.wbuf = at::empty({tile, p.dim}, opts);
+  sc.z = at::empty({group, tile}, opts);
+  return sc;
+}
+
+// fp32 view of W rows [j0, j0 + n): the weight itself when fp32, else a widened copy.
+template <typename scalar_t>
+at::Tensor weight_tile(const Problem<scalar_t>& p, TileScratch& sc, int64_t j0, int64_t n) {
+  const scalar_t* src = p.weight + j0 * p.ldw;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return at::from_blob(const_cast<float*>(src), {n, p.dim}, {p.ldw, 1}, at::kFloat);
+  } else {
+    float* dst = sc.wbuf.template data_ptr<float>();
+    for (int64_t j = 0; j < n; ++j) widen(src + j * p.ldw, dst + j * p.dim, p.dim);
+    return sc.wbuf.narrow(0, 0, n);
+  }
+}
+
+// z[g, j] = (w_{j0+j} . h_{r0+g} + b) / tau for the rows of a group, also storing the
+// unscaled logits when asked. Returns the [group, n] fp32 tile.
+template <typename scalar_t>
+at::Tensor logit_tile(const Problem<scalar_t>& p, TileScratch& sc, const at::Tensor& w, int64_t r0, int64_t group,
+                      int64_t j0, int64_t n) {
+  at::Tensor z = sc.z.narrow(0, 0, group).narrow(1, 0, n);  // row stride = tile width
+  const int64_t ldz = sc.z.size(1);
+  float* zp = z.data_ptr<float>();
+  const float* h = p.hidden + r0 * p.dim;
+  if (p.gemm) {
+    at::Tensor hg = at::from_blob(const_cast<float*>(h), {group, p.dim}, at::kFloat);
+    at::mm_out(z, hg, w.t());
+  } else {
+    for (int64_t g = 0; g < group; ++g) dot_rows(h + g * p.dim, w.data_ptr<float>(), w.stride(0), n, p.dim, zp + g * ldz);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* zr = zp + g * ldz;
+    if (p.bias != nullptr)
+      for (int64_t j = 0; j < n; ++j) zr[j] += static_cast<float>(p.bias[j0 + j]);
+    if (p.logits != nullptr) {
+      scalar_t* out = p.logits + (r0 + g) * p.vocab + j0;
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(zr[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) zr[j] *= p.inv_tau;
+  }
+  return z;
+}
+
+// ---------------------------------------------------------------- forward
+
+// Fills the partial state of rows [r0, r0 + group) over vocabulary chunk c.
+// Partial layout: stats [chunk][3][group] for (m, s, t); ab [chunk][2][group][D].
+template <typename scalar_t>
+void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_t c, float* stats, float* ab,
+                   bool need_grad) {
+  const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
+  const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
+  TileScratch sc = make_scratch(p, group, tile);
+  at::Tensor ef = at::empty({2 * group, tile}, at::kFloat);  // e rows, then e*d rows
+  float* m = stats;
+  float* s = stats + group;
+  float* t = stats + 2 * group;
+  std::fill(m, m + group, kNegInf);
+  std::fill(s, s + 2 * group, 0.f);  // s and t
+  if (need_grad) std::fill(ab, ab + 2 * group * p.dim, 0.f);
+  float* ep = ef.data_ptr<float>();
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
+    const int64_t n = std::min(tile, j_end - j0);
+    at::Tensor w = weight_tile(p, sc, j0, n);
+    at::Tensor z = logit_tile(p, sc, w, r0, group, j0, n);
+    const float* zp = z.data_ptr<float>();
+    for (int64_t g = 0; g < group; ++g) {
+      float* a = need_grad ? ab + g * p.dim : nullptr;
+      float* b = need_grad ? ab + (group + g) * p.dim : nullptr;
+      const RowState st{m + g, s + g, t + g, a, b};
+      float* e = ep + g * tile;
+      float* f = ep + (group + g) * tile;
+      const bool live = fold_tile(st, zp + g * tile, n, p.dim, e, f);
+      if (need_grad && live && !p.gemm) {
+        accumulate_rows(a, e, w.data_ptr<float>(), w.stride(0), n, p.dim);
+        accumulate_rows(b, f, w.data_ptr<float>(), w.stride(0), n, p.dim);
+      }
+    }
+    if (need_grad && p.gemm) {
+      // [A; B] += [E; F] @ W_tile, after fold_tile has rebased A and B.
+      at::Tensor abt = at::from_blob(ab, {2 * group, p.dim}, at::kFloat);
+      abt.addmm_(ef.narrow(1, 0, n), w);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- argument checks
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  double temperature) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
+              "linear_entropy (cpp): hidden and weight must be CPU tensors, got ", hidden.device(), " and ",
+              weight.device());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "linear_entropy (cpp): hidden must be a contiguous [R, D] tensor, got shape ",
+              hidden.sizes());
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "linear_entropy (cpp): hidden must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+              "linear_entropy (cpp): weight must have shape [V, D] with D = ", hidden.size(1), ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, "linear_entropy (cpp): weight must have V >= 1 rows");
+  TORCH_CHECK(weight.stride(1) == 1, "linear_entropy (cpp): weight must have unit stride along D, got strides ",
+              weight.strides());
+  TORCH_CHECK(weight.scalar_type() == dtype, "linear_entropy (cpp): weight dtype ", weight.scalar_type(),
+              " must match hidden dtype ", dtype);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu() && b.dim() == 1 && b.size(0) == weight.size(0) && b.is_contiguous(),
+                "linear_entropy (cpp): bias must be a contiguous CPU tensor of shape [", weight.size(0), "], got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == dtype, "linear_entropy (cpp): bias dtype ", b.scalar_type(),
+                " must match hidden dtype ", dtype);
+  }
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "linear_entropy (cpp): temperature must be finite and > 0, got ", temperature);
+}
+
+void check_row_stat(const char* name, const at::Tensor& x, int64_t rows) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 && x.size(0) == rows &&
+                  x.is_contiguous(),
+              "linear_entropy_weight_grad (cpp): ", name, " must be a contiguous float32 CPU tensor of shape [", rows,
+              "], got ", x.scalar_type(), " ", x.sizes());
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& hidden32, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, double temperature, at::Tensor* logits) {
+  Problem<scalar_t> p;
+  p.hidden = hidden32.data_ptr<float>();
+  p.weight = weight.data_ptr<scalar_t>();
+  p.ldw = weight.stride(0);
+  p.bias = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+  p.logits = logits != nullptr ? logits->data_ptr<scalar_t>() : nullptr;
+  p.rows = hidden32.size(0);
+  p.dim = hidden32.size(1);
+  p.vocab = weight.size(0);
+  p.inv_tau = static_cast<float>(1.0 / temperature);
+  p.gemm = p.rows > kDirectMaxRows;
+  return p;
+}
+
+template <typename scalar_t>
+void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* lse, float* mu) {
+  const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
+  const int64_t group_max = p.gemm ? kGemmRows : p.rows;
+  const int64_t dim = p.dim;
+  at::Tensor stats = at::empty({chunks, 3, group_max}, at::kFloat);
+  at::Tensor ab = need_grad ? at::empty({chunks, 2, group_max, dim}, at::kFloat) : at::Tensor();
+  for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
+    const int64_t group = std::min(group_max, p.rows - r0);
+    float* sp = stats.data_ptr<float>();
+    float* abp = need_grad ? ab.data_ptr<float>() : nullptr;
+    // Chunk c's partial sits at a fixed offset sized for a full group; inside it the
+    // layout is [3][group] and [2][group][D] (see forward_chunk).
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        forward_chunk(p, r0, group, c, sp + c * 3 * group_max,
+                      need_grad ? abp + c * 2 * group_max * dim : nullptr, need_grad);
+    });
+    // Merge every row's partials in ascending chunk order into chunk 0's slot.
+    at::parallel_for(0, group, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        auto state = [&](int64_t c) {
+          float* st = sp + c * 3 * group_max;
+          float* a = need_grad ? abp + (c * 2 * group_max + g) * dim : nullptr;
+          float* b = need_grad ? a + group * dim : nullptr;
+          return RowState{st + g, st + group + g, st + 2 * group + g, a, b};
+        };
+        const RowState acc = state(0);
+        for (int64_t c = 1; c < chunks; ++c) {
+          const RowState part = state(c);
+          const float top = std::max(*acc.m, *part.m);
+          if (top == kNegInf) continue;  // both fully masked so far
+          rebase(acc, top, dim);
+          rebase(part, top, dim);
+          *acc.s += *part.s;
+          *acc.t += *part.t;
+          if (need_grad) {
+            const float one = 1.f;
+            accumulate_rows(acc.a, &one, part.a, dim, 1, dim);
+            accumulate_rows(acc.b, &one, part.b, dim, 1, dim);
+          }
+        }
+        const int64_t r = r0 + g;
+        const float s = *acc.s, ts = *acc.t / s;
+        entropy[r] = std::log(s) - ts;
+        lse[r] = *acc.m + std::log(s);
+        mu[r] = *acc.m + ts;
+        if (need_grad) {
+          // dH/dh = -(B - (t/s) A) / (s tau)
+          const float scale = -p.inv_tau / s;
+          float* out = dh + r * dim;
+          for (int64_t d = 0; d < dim; ++d) out[d] = scale * (acc.b[d] - ts * acc.a[d]);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_entropy_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double temperature,
+    bool need_grad, bool return_logits) {
+  check_inputs(hidden, weight, bias, temperature);
+  const int64_t rows = hidden.size(0), dim = hidden.size(1), vocab = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor entropy = new_output({rows}, f32);
+  at::Tensor dh = new_output(need_grad ? at::IntArrayRef{rows, dim} : at::IntArrayRef{0}, f32);
+  at::Tensor lse = new_output({rows}, f32);
+  at::Tensor mu = new_output({rows}, f32);
+  at::Tensor logits = new_output(return_logits ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, hidden.options());
+  if (rows == 0) return {entropy, dh, lse, mu, logits};
+  const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
+  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_LE_CASES([&] {
+    const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
+    forward_impl(p, need_grad, entropy.data_ptr<float>(), need_grad ? dh.data_ptr<float>() : nullptr,
+                 lse.data_ptr<float>(), mu.data_ptr<float>());
+  }));
+  return {entropy, dh, lse, mu, logits};
+}
+
+// ---------------------------------------------------------------- weight gradient
+
+// dW and db for the W rows of chunk c. Rows of hidden go in groups (fixed order);
+// coefficients c_rj = g_r (-p_rj (z_rj - mu_r)) / tau are laid out [j][r] so both
+// paths read them as the weights of a sum over hidden rows.
+template <typename scalar_t>
+void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, const float* mu, const float* g_ent,
+                       float* gw, float* gb) {
+  const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
+  const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
+  const int64_t group_max = p.gemm ? kGemmRows : p.rows;
+  TileScratch sc = make_scratch(p, group_max, tile);
+  at::Tensor coef = at::empty({tile, group_max}, at::kFloat);
+  float* cp = coef.data_ptr<float>();
+  std::fill(gw + j_begin * p.dim, gw + j_end * p.dim, 0.f);
+  if (gb != nullptr) std::fill(gb + j_begin, gb + j_end, 0.f);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
+    const int64_t n = std::min(tile, j_end - j0);
+    at::Tensor w = weight_tile(p, sc, j0, n);
+    for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
+      const int64_t group = std::min(group_max, p.rows - r0);
+      const float* zp = logit_tile(p, sc, w, r0, group, j0, n).template data_ptr<float>();
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = r0 + g;
+        const float scale = -g_ent[r] * p.inv_tau;
+        for (int64_t j = 0; j < n; ++j) {
+          const float z = zp[g * tile + j];
+          const float prob = std::exp(z - lse[r]);
+          cp[j * group + g] = prob > 0.f ? scale * prob * (z - mu[r]) : 0.f;
+        }
+      }
+      const float* h = p.hidden + r0 * p.dim;
+      if (p.gemm) {
+        at::Tensor out = at::from_blob(gw + j0 * p.dim, {n, p.dim}, at::kFloat);
+        at::Tensor cm = at::from_blob(cp, {n, group}, at::kFloat);
+        out.addmm_(cm, at::from_blob(const_cast<float*>(h), {group, p.dim}, at::kFloat));
+      } else {
+        for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, h, p.dim, group, p.dim);
+      }
+      if (gb != nullptr)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t g = 0; g < group; ++g) gb[j0 + j] += cp[j * group + g];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& hidden, const at::Tensor& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              double temperature, const at::Tensor& lse,
+                                                              const at::Tensor& mu, const at::Tensor& grad_entropy,
+                                                              bool need_bias) {
+  check_inputs(hidden, weight, bias, temperature);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  check_row_stat("lse", lse, rows);
+  check_row_stat("mu", mu, rows);
+  check_row_stat("grad_entropy", grad_entropy, rows);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor gw = new_output(weight.sizes(), f32);
+  at::Tensor gb = new_output(need_bias ? at::IntArrayRef{vocab} : at::IntArrayRef{0}, f32);
+  if (rows == 0) {
+    gw.zero_();
+    gb.zero_();
+    return {gw, gb};
+  }
+  const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
+  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_LE_CASES([&] {
+    const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
+    const int64_t chunks = (vocab + kChunk - 1) / kChunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        weight_grad_chunk(p, c, lse.data_ptr<float>(), mu.data_ptr<float>(), grad_entropy.data_ptr<float>(),
+                          gw.data_ptr<float>(), need_bias ? gb.data_ptr<float>() : nullptr);
+    });
+  }));
+  return {gw, gb};
+}
+
+}  // namespace
+}  // namespace vreason
+
+TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
+  m.impl("linear_entropy_fwd", &vreason::linear_entropy_fwd);
+  m.impl("linear_entropy_weight_grad", &vreason::linear_entropy_weight_grad);
+}
