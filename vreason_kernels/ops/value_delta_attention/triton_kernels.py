@@ -1,0 +1,486 @@
+"""The Triton backend of ``value_delta_attention``: the value delta applied inside the kernel.
+
+Notation (DESIGN.md §2.2-2.3): a span row ``i`` of kv-head ``h`` has
+``u = v_i + delta_j`` (``j = span_index[i]``), ``n = max(||u||, eps)`` and
+``v'_i = u ||v_i|| / n``; other rows keep ``v'_i = v_i``. Attention is then the usual
+``out = softmax(scale q k^T + bias) v'`` with GQA and a bottom-right causal mask.
+
+Row packing. The ``G = Hq / Hkv`` q-heads of one kv-head and their ``T`` queries form
+``R = G T`` packed rows ``r = g T + t`` (contiguous in a contiguous ``[B, Hq, T, D]``
+query). Every kernel tiles these rows, so a K/V tile, once loaded and modulated, serves
+all q-heads of its group: for decode (R = 7 for Qwen2.5-VL-7B) K, V and delta are read
+once per kv-head, for prefill the tiles are FA2's.
+
+Forward (``_forward_kernel``, grid ``(B Hkv, row tiles, N splits)``): per K/V tile, load
+``span_index`` for the positions, gather the delta rows where it is >= 0, apply the map in
+fp32, then the online softmax. With one split (prefill) the program finishes the rows;
+with several (flash-decoding: small T, long N) each split writes ``(acc, m, l)`` to
+scratch and ``_merge_kernel`` folds the splits in a fixed order.
+
+Backward (P recomputed from lse, ``D_r = rowsum(dO * O)`` precomputed):
+- ``_backward_dv_kernel``, grid ``(B Hkv, N chunks)``: each program owns its positions,
+  loops over every packed row tile, accumulates ``dV' = P^T dO`` and, at span rows, writes
+  ``d delta = (||v||/n) (g - (g.u_hat) u_hat)`` straight to the row ``span_index`` names
+  (each row has exactly one owner). When all rows fit one tile (decode) it also
+  accumulates ``dQ`` partials ``scale (P * (dO V'^T - D)) K`` per chunk, so K and V are
+  read once for the whole backward; the chunks are summed in order afterwards.
+- ``_backward_dq_kernel``, grid ``(B Hkv, row tiles)`` (many rows: prefill): each
+  program loops over the N tiles its rows can see and owns its dQ rows.
+
+No atomics anywhere: every output element has one writer and every sum a fixed order,
+so the same input gives the same bits. Block sizes, warps and split counts depend on the
+shapes (and the SM count) only.
+
+Rows that see no key: ``m`` stays -inf and ``l`` 0, the row outputs 0 and lse is -inf; the
+backward's ``P = e^{where(s > -inf, s - lse, -inf)}`` is then 0 (a finite score implies a
+finite lse), so those rows get zero gradients without a special case.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from vreason_kernels._alloc import new_output
+from vreason_kernels.backend import triton_interpreted
+from vreason_kernels.ops.value_delta_attention.naive import EPS
+
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D):
+    """fp32 ``(v, u = v + delta, in_span)`` for one ``[BLOCK_N, BLOCK_D]`` tile.
+
+    Off the span (index -1) the gather is masked, so ``u = v`` there and no delta row is read.
+    """
+    mask = col_ok[:, None] & d_ok[None, :]
+    v = tl.load(v_ptr + v_off + cols.to(tl.int64)[:, None] * stride_vn + ds[None, :], mask=mask, other=0.0)
+    v = v.to(tl.float32)
+    idx = tl.load(idx_ptr + cols, mask=col_ok, other=-1)
+    in_span = idx >= 0
+    rows = dlt_off + tl.maximum(idx, 0).to(tl.int64) * D
+    delta = tl.load(dlt_ptr + rows[:, None] + ds[None, :], mask=mask & in_span[:, None], other=0.0)
+    return v, v + delta.to(tl.float32), in_span
+
+
+@triton.jit
+def _norms(v, u):
+    """``(||v||, n = max(||u||, eps))`` per row; sqrt is a plain instruction, not libdevice."""
+    return tl.sqrt(tl.sum(v * v, axis=1)), tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), EPS)
+
+
+@triton.jit
+def _modulated(v, u, in_span):
+    """v' = u ||v|| / n at span rows, v elsewhere (a v = 0 row stays 0: ||v|| = 0)."""
+    norm_v, n = _norms(v, u)
+    return tl.where(in_span[:, None], u * (norm_v / n)[:, None], v)
+
+
+@triton.jit
+def _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn):
+    mask = col_ok[:, None] & d_ok[None, :]
+    return tl.load(k_ptr + k_off + cols.to(tl.int64)[:, None] * stride_kn + ds[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
+def _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, stride_bt, stride_bn,
+            scale, N, T, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """``scale q k^T + bias`` for a [rows x keys] tile, -inf wherever a row may not see a key.
+
+    Causal is bottom-right aligned: row ``t`` sees key ``i`` iff ``i <= t + N - T``.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        offs = bias_off + head.to(tl.int64)[:, None] * stride_bh + t.to(tl.int64)[:, None] * stride_bt
+        s += tl.load(bias_ptr + offs + cols.to(tl.int64)[None, :] * stride_bn, mask=ok, other=0.0)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= t[:, None] + (N - T))
+    return tl.where(ok, s, _NEG_INF)
+
+
+@triton.jit
+def _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Packed rows of one tile: (rows, row_ok, t, q-head, element offsets [rows, D] of q/o/dO, ds, d_ok)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * T
+    head = (pid_bh % Hkv) * G + rows // T
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    offs = (pid_bh.to(tl.int64) * G * T + rows)[:, None] * D + ds[None, :]
+    return rows, row_ok, rows % T, head, offs, ds, d_ok
+
+
+@triton.jit
+def _last_visible(t, row_ok, N, T, CAUSAL: tl.constexpr):
+    """One past the last key any row of the tile sees."""
+    if CAUSAL:
+        return tl.minimum(tl.max(tl.where(row_ok, t, -1)) + N - T + 1, N)
+    return N
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, out_ptr, lse_ptr, acc_ptr, ml_ptr,
+    Hkv, G, T, N, D, S, chunk, scale,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bt, stride_bn,
+    HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax over keys ``[split chunk, ...)`` for one tile of packed rows.
+
+    Per key tile, with ``m' = max(m, max_i s_i)`` and ``a = e^{m - m'}`` (0 while m = -inf):
+    ``l <- a l + sum_i e^{s_i - m'}``, ``acc <- a acc + e^{s - m'} V'``. The scores of
+    masked keys are -inf and get weight e^{-inf} = 0: the exponent is chosen by ``where``
+    before exp, so -inf - (-inf) = NaN is never formed.
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // Hkv
+    kv = pid_bh % Hkv
+    rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
+    q = tl.load(q_ptr + offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+    dlt_off = pid_bh.to(tl.int64) * S * D
+    bias_off = b.to(tl.int64) * stride_bb
+
+    n_start = split * chunk
+    n_end = tl.minimum(n_start + chunk, _last_visible(t, row_ok, N, T, CAUSAL))
+    m = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_end
+        k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
+        s = _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, stride_bt, stride_bn,
+                    scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
+        if HAS_DELTA:
+            v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
+            v = _modulated(v, u, in_span)
+        else:
+            v = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(tl.where(m > _NEG_INF, m - m_new, _NEG_INF))
+        p = tl.exp(tl.where(s > _NEG_INF, s - m_new[:, None], _NEG_INF))
+        l = alpha * l + tl.sum(p, axis=1)
+        acc = alpha[:, None] * acc + tl.dot(p, v, input_precision=PRECISION)
+        m = m_new
+
+    mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        part = split.to(tl.int64) * tl.num_programs(0) * G * T * D  # this split's slab: [B Hkv, R, D] like the rows
+        tl.store(acc_ptr + part + offs, acc, mask=mask)
+        stat = 2 * ((split * tl.num_programs(0) + pid_bh).to(tl.int64) * G * T + rows)
+        tl.store(ml_ptr + stat, m, mask=row_ok)
+        tl.store(ml_ptr + stat + 1, l, mask=row_ok)
+    else:
+        _finish(out_ptr, lse_ptr, offs, pid_bh.to(tl.int64) * G * T + rows, mask, row_ok, acc, m, l)
+
+
+@triton.jit
+def _finish(out_ptr, lse_ptr, offs, lse_offs, mask, row_ok, acc, m, l):
+    """out = acc / l and lse = m + log l; a row that saw no key (l = 0) gets 0 and -inf."""
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + lse_offs, tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), _NEG_INF), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, ml_ptr, out_ptr, lse_ptr, Hkv, G, T, D, SPLITS,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold the splits in order onto ``M = max_k m_k``: ``l = sum_k r_k l_k``,
+    ``acc = sum_k r_k acc_k`` with ``r_k = e^{m_k - M}`` (0 for a split that saw no key)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
+    mask = row_ok[:, None] & d_ok[None, :]
+    num_bh = tl.num_programs(0)
+    m_max = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    for k in range(SPLITS):
+        stat = 2 * ((k * num_bh + pid_bh).to(tl.int64) * G * T + rows)
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + stat, mask=row_ok, other=_NEG_INF))
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k in range(SPLITS):
+        stat = 2 * ((k * num_bh + pid_bh).to(tl.int64) * G * T + rows)
+        m_k = tl.load(ml_ptr + stat, mask=row_ok, other=_NEG_INF)
+        r = tl.exp(tl.where(m_k > _NEG_INF, m_k - m_max, _NEG_INF))
+        l += r * tl.load(ml_ptr + stat + 1, mask=row_ok, other=0.0)
+        acc += r[:, None] * tl.load(acc_ptr + k * num_bh.to(tl.int64) * G * T * D + offs, mask=mask, other=0.0)
+    _finish(out_ptr, lse_ptr, offs, pid_bh.to(tl.int64) * G * T + rows, mask, row_ok, acc, m_max, l)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_ok, cols, col_ok,
+                bias_off, stride_bh, stride_bt, stride_bn, scale, N, T,
+                HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """P = e^{s - lse} recomputed for one [rows x keys] tile (0 where s = -inf)."""
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0)
+    s = _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, stride_bt, stride_bn,
+                scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
+    return tl.exp(tl.where(s > _NEG_INF, s - lse[:, None], _NEG_INF))
+
+
+@triton.jit
+def _backward_dv_kernel(
+    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, di_ptr, gdlt_ptr, dq_ptr,
+    Hkv, G, T, N, D, S, chunk, scale,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bt, stride_bn,
+    HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d delta for the span rows in keys ``[chunk start, chunk end)`` (and dQ partials if FUSE_DQ).
+
+    Per key tile: ``g = dV' = sum over row tiles of P^T dO`` (all q-heads of the group,
+    all queries), then at span rows ``d delta = (||v||/n) (g - (g.u_hat) u_hat)`` with
+    ``u_hat = u/n``. With FUSE_DQ (every packed row in one tile) also
+    ``dQ_chunk = scale sum_tiles (P * (dO V'^T - D)) K``, stored at ``[chunk]``.
+    """
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // Hkv
+    kv = pid_bh % Hkv
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+    dlt_off = pid_bh.to(tl.int64) * S * D
+    bias_off = b.to(tl.int64) * stride_bb
+    n_start = pid_n * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_end
+        k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
+        v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
+        v_mod = _modulated(v, u, in_span)
+        grad_v = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, G * T, BLOCK_M):
+            rows, row_ok, t, head, offs, _, _ = _rows(pid_bh, r0 // BLOCK_M, Hkv, G, T, D, BLOCK_M, BLOCK_D)
+            # Causal: a row tile whose last query sees none of these keys contributes nothing.
+            if _last_visible(t, row_ok, N, T, CAUSAL) > n0:
+                mask = row_ok[:, None] & d_ok[None, :]
+                lse_offs = pid_bh.to(tl.int64) * G * T + rows
+                p = _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_ok, cols, col_ok,
+                                bias_off, stride_bh, stride_bt, stride_bn, scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
+                do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                grad_v = tl.dot(tl.trans(p), do, grad_v, input_precision=PRECISION)
+                if FUSE_DQ:
+                    di = tl.load(di_ptr + lse_offs, mask=row_ok, other=0.0)
+                    dp = tl.dot(do, tl.trans(v_mod), input_precision=PRECISION)
+                    dq = tl.dot(p * (dp - di[:, None]), k, dq, input_precision=PRECISION)
+        if HAS_DELTA:
+            norm_v, n = _norms(v, u)
+            u_hat = u / n[:, None]
+            radial = tl.sum(grad_v * u_hat, axis=1)
+            grad_delta = (norm_v / n)[:, None] * (grad_v - radial[:, None] * u_hat)
+            idx = tl.load(idx_ptr + cols, mask=col_ok, other=-1)
+            dst = gdlt_ptr + dlt_off + tl.maximum(idx, 0).to(tl.int64)[:, None] * D + ds[None, :]
+            tl.store(dst, grad_delta, mask=in_span[:, None] & d_ok[None, :])
+    if FUSE_DQ:
+        rows, row_ok, t, head, offs, _, _ = _rows(pid_bh, 0, Hkv, G, T, D, BLOCK_M, BLOCK_D)
+        part = pid_n.to(tl.int64) * tl.num_programs(0) * G * T * D
+        tl.store(dq_ptr + part + offs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, di_ptr, dq_ptr,
+    Hkv, G, T, N, D, S, scale,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bt, stride_bn,
+    HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dQ = scale sum_keys (P * (dO V'^T - D)) K`` for one tile of packed rows (FA2's dQ)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // Hkv
+    kv = pid_bh % Hkv
+    rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
+    mask = row_ok[:, None] & d_ok[None, :]
+    lse_offs = pid_bh.to(tl.int64) * G * T + rows
+    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+    dlt_off = pid_bh.to(tl.int64) * S * D
+    bias_off = b.to(tl.int64) * stride_bb
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    di = tl.load(di_ptr + lse_offs, mask=row_ok, other=0.0)
+    n_end = _last_visible(t, row_ok, N, T, CAUSAL)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_end
+        k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
+        if HAS_DELTA:
+            v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
+            v = _modulated(v, u, in_span)
+        else:
+            v = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
+        p = _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_ok, cols, col_ok,
+                        bias_off, stride_bh, stride_bt, stride_bn, scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dq = tl.dot(p * (dp - di[:, None]), k, dq, input_precision=PRECISION)
+    tl.store(dq_ptr + offs, dq * scale, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------
+
+# Interpreter tiles are small so that test shapes (N ~ 70-300) still span several tiles
+# and splits; GPU tiles are FA2's for D = 128.
+_MAX_FUSED_ROWS = 64
+
+
+def _blocks(rows: int, dim: int) -> dict:
+    """Tiles (tl.dot needs every dim >= 16). All packed rows of a group in one tile when
+    they fit (decode), so each K/V tile is loaded once for the whole group."""
+    interpreted = triton_interpreted()
+    block_m = max(16, triton.next_power_of_2(rows)) if rows <= _MAX_FUSED_ROWS else (16 if interpreted else 64)
+    return dict(BLOCK_M=block_m, BLOCK_N=16 if interpreted else 64, BLOCK_D=max(16, triton.next_power_of_2(dim)))
+
+
+def _launch_opts(blocks: dict) -> dict:
+    # fp32 K/V' tiles of 64 x 128 are 32 KB each: 8 warps keep them in registers.
+    return dict(num_warps=8 if blocks["BLOCK_D"] * max(blocks["BLOCK_M"], blocks["BLOCK_N"]) >= 64 * 128 else 4,
+                num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _chunk(programs: int, n: int, block_n: int, device: torch.device) -> int:
+    """Keys per split: enough splits to fill the GPU twice over, each a whole number of tiles."""
+    target = 3 if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(n, block_n)))
+    return triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # tf32 holds bf16/fp16 values exactly; fp32 inputs need full-precision products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _common_args(key, value, delta_v, span_index, attn_bias, query):
+    """Pointer and stride arguments shared by the kernels (dummies where absent)."""
+    bias = attn_bias if attn_bias is not None else query.new_zeros((1, 1, 1, 1), dtype=torch.float32)
+    return dict(
+        pointers=(key, value, query if delta_v is None else delta_v, span_index, bias),
+        strides=(*key.stride()[:3], *value.stride()[:3], *bias.stride()),
+    )
+
+
+def _shape(query, key, delta_v):
+    b, hq, t, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    s = 0 if delta_v is None else delta_v.shape[2]
+    return b, hkv, hq // hkv, t, n, d, s
+
+
+# ----------------------------------------------------------------------------------------
+# Backend contract (see naive.py)
+# ----------------------------------------------------------------------------------------
+
+
+def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, num_splits=None):
+    """(out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T]).
+
+    ``num_splits`` overrides the N split count (tests of the merge).
+    """
+    b, hkv, g, t, n, d, s = _shape(query, key, delta_v)
+    query = query.contiguous()
+    delta_v = None if delta_v is None or s == 0 else delta_v.contiguous()
+    out = new_output(query.shape, dtype=query.dtype, device=query.device)
+    lse = new_output((b, hkv * g, t), dtype=torch.float32, device=query.device)
+    blocks = _blocks(g * t, d)
+    row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
+    if num_splits is None:
+        chunk = _chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], query.device)
+    else:
+        chunk = triton.cdiv(triton.cdiv(n, num_splits), blocks["BLOCK_N"]) * blocks["BLOCK_N"]
+    splits = triton.cdiv(n, chunk)
+    f32 = dict(dtype=torch.float32, device=query.device)
+    acc = torch.empty((splits, b * hkv * g * t * d) if splits > 1 else (0,), **f32)  # fully written
+    ml = torch.empty((splits, b * hkv * g * t, 2) if splits > 1 else (0,), **f32)
+    args = _common_args(key, value, delta_v, span_index, attn_bias, query)
+    opts = _launch_opts(blocks)
+    _forward_kernel[(b * hkv, row_tiles, splits)](
+        query, *args["pointers"], out, lse, acc, ml,
+        hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
+        HAS_DELTA=delta_v is not None, HAS_BIAS=attn_bias is not None, CAUSAL=causal, SPLIT=splits > 1,
+        PRECISION=_precision(query.dtype), **blocks, **opts,
+    )
+    if splits > 1:
+        _merge_kernel[(b * hkv, row_tiles)](
+            acc, ml, out, lse, hkv, g, t, d, splits,
+            BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **opts,
+        )
+    return out, lse
+
+
+def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
+    """(grad_query f32 [B, Hq, T, D], grad_delta_v f32 [B, Hkv, S, D] | [0])."""
+    b, hkv, g, t, n, d, s = _shape(query, key, delta_v)
+    device = query.device
+    f32 = dict(dtype=torch.float32, device=device)
+    query, grad_out, lse = query.contiguous(), grad_out.contiguous(), lse.contiguous()
+    grad_delta = new_output(delta_v.shape if delta_v is not None else (0,), **f32)
+    has_delta = delta_v is not None and s > 0
+    delta_v = delta_v.contiguous() if has_delta else None
+    di = (grad_out.float() * out.float()).sum(-1)  # D_r = rowsum(dO * O), [B, Hq, T]
+    blocks = _blocks(g * t, d)
+    fuse_dq = g * t <= blocks["BLOCK_M"]
+    args = _common_args(key, value, delta_v, span_index, attn_bias, query)
+    common = dict(HAS_BIAS=attn_bias is not None, CAUSAL=causal, PRECISION=_precision(query.dtype),
+                  **blocks, **_launch_opts(blocks))
+    # Decode: few key chunks, each summing its dQ partial over many tiles; prefill: one
+    # key tile per program, which then loops over thousands of rows.
+    chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], device) if fuse_dq else blocks["BLOCK_N"]
+    chunks = triton.cdiv(n, chunk)
+    dq_parts = torch.empty((chunks, b * hkv * g * t * d) if fuse_dq else (0,), **f32)  # fully written
+    if has_delta or fuse_dq:
+        _backward_dv_kernel[(b * hkv, chunks)](
+            query, *args["pointers"], grad_out, lse, di, grad_delta, dq_parts,
+            hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
+            HAS_DELTA=has_delta, FUSE_DQ=fuse_dq, **common,
+        )
+    if fuse_dq:
+        grad_query = dq_parts.sum(0).view(query.shape)  # fixed-order reduction over the chunks
+    else:
+        grad_query = new_output(query.shape, **f32)
+        _backward_dq_kernel[(b * hkv, triton.cdiv(g * t, blocks["BLOCK_M"]))](
+            query, *args["pointers"], grad_out, lse, di, grad_query,
+            hkv, g, t, n, d, s, float(scale), *args["strides"],
+            HAS_DELTA=has_delta, **common,
+        )
+    return grad_query, grad_delta
