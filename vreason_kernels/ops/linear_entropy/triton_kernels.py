@@ -1,0 +1,422 @@
+"""The Triton backend of ``linear_entropy``: entropy and dH/dh from ONE read of the weight.
+
+Notation (DESIGN.md §2.1): ``z = (W h + b) / tau``, ``p = softmax(z)``,
+``H = logsumexp(z) - sum_j p_j z_j``, ``dH/dz_j = -p_j (z_j - mu)`` with ``mu = E_p[z]``.
+
+Forward, three kernels' worth of work in two launches:
+
+1. ``_forward_partials_kernel``, grid ``(row blocks, vocabulary splits)``. Each program
+   streams its contiguous chunk of the vocabulary in ``BLOCK_V`` tiles and keeps, relative
+   to its running max ``m``::
+
+       s = sum e^{z_j - m}             t = sum e^{z_j - m} (z_j - m)
+       A = sum e^{z_j - m} w_j         B = sum e^{z_j - m} (z_j - m) w_j
+
+   ``A``/``B`` are ``[BLOCK_R, D]`` and D reaches 8192, far beyond registers, so they live
+   in a fp32 scratch slab owned by the program and are read-modify-written one D tile at a
+   time per vocabulary tile. The weight tile is read once from HBM for the logits and a
+   second time, right after, for the ``A``/``B`` update; tiles are small enough
+   (``BLOCK_V x D``) that the second read hits L2, so HBM sees one read of W.
+2. ``_merge_kernel``, grid ``(row blocks, D tiles)``, folds the splits in a fixed order
+   (split 0, 1, ...): no atomics, so the same input gives the same bits on every run.
+
+``weight_grad`` is one more kernel, ``_weight_grad_kernel``: each program owns a
+``[BLOCK_V, BLOCK_D]`` tile of dW and loops over all rows, recomputing the logits it needs.
+It runs only when the weight (or bias) requires grad, never in V-Reason's hot path.
+
+Determinism: block sizes, warps and the split count are functions of the shapes only;
+the autotuner (CUDA only) chooses among pipelining depths (``num_stages``), which change
+the schedule but not the arithmetic, so its timing-based pick cannot change the bits.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from vreason_kernels._alloc import new_output
+from vreason_kernels.backend import triton_interpreted
+
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, R, V, D, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """``logits[r, j] = sum_d h[r, d] W[j, d] + b[j]`` in fp32 for one [rows x cols] tile.
+
+    Columns past the vocabulary come back as -inf (p = 0 there); rows past R are
+    computed from zeros and never stored. Inputs are upcast at load, so every product
+    and sum is fp32 (PRECISION="tf32" is exact for values that came from bf16/fp16).
+    """
+    row_ok = rows < R
+    col_ok = cols < V
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc, _NEG_INF)
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    """Factors that move sums kept relative to ``m_old`` onto ``m_new >= m_old``.
+
+    Returns ``r = e^{m_old - m_new}`` and ``delta = m_old - m_new``. A max of -inf means
+    "nothing seen yet": its sums are 0, and r = delta = 0 keeps -inf - (-inf) = NaN and
+    0 * inf out of them.
+    """
+    seen = m_old > _NEG_INF
+    delta = tl.where(seen, m_old - m_new, 0.0)
+    return tl.where(seen, tl.exp(delta), 0.0), delta
+
+
+# ----------------------------------------------------------------------------------------
+# Forward: per-split partials, then a fixed-order merge
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_partials_kernel(
+    h_ptr, w_ptr, b_ptr, logits_ptr,
+    m_ptr, s_ptr, t_ptr, a_ptr, bb_ptr,
+    R, V, D, stride_w, tau, chunk,
+    HAS_BIAS: tl.constexpr, NEED_GRAD: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax statistics of one vocabulary chunk, for one block of rows.
+
+    For every vocabulary tile, with ``m' = max(m, max_j z_j)``, ``r = e^{m - m'}``:
+
+        t <- r (t + (m - m') s) + sum_j e^{z_j - m'} (z_j - m')
+        s <- r s               + sum_j e^{z_j - m'}
+        B <- r (B + (m - m') A) + [e^{z - m'} (z - m')] @ W_tile
+        A <- r A               + [e^{z - m'}] @ W_tile
+
+    (the rescales are DESIGN.md §2.1's). Masked entries (z = -inf) get weight exactly 0
+    via ``where`` rather than e^{-inf} * (-inf) = NaN. Writes this split's (m, s, t) at
+    ``[split, row]`` and its (A, B) at ``[split, row, :]``.
+    """
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)
+    v_start = split * chunk
+    v_end = tl.minimum(v_start + chunk, V)
+    slab = (split * R + rows64) * D  # this split's A/B rows in the scratch slab
+
+    m = tl.full((BLOCK_R,), _NEG_INF, dtype=tl.float32)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)  # chunks are whole tiles: only the last tile crosses V
+        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, R, V, D, stride_w, HAS_BIAS, BLOCK_D, PRECISION)
+        if STORE_LOGITS:
+            out = logits_ptr + rows64[:, None] * V + cols[None, :]
+            tl.store(out, logits.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
+        z = logits / tau
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        r, delta = _rescale(m, m_new)
+        live = z > _NEG_INF
+        zc = tl.where(live, z - m_new[:, None], 0.0)  # z - m', with masked entries pinned to 0
+        e = tl.where(live, tl.exp(zc), 0.0)
+        ez = e * zc
+        if NEED_GRAD:
+            # Slab rows that have seen no live entry hold zeros: skip reading them (this
+            # also covers the chunk's first tile, whose slab is still uninitialised).
+            _update_moments(w_ptr, a_ptr, bb_ptr, slab, row_ok, row_ok & (m > _NEG_INF), cols, V, D, stride_w,
+                            r, delta, e, ez, BLOCK_D, PRECISION)
+        t = r * (t + delta * s) + tl.sum(ez, axis=1)
+        s = r * s + tl.sum(e, axis=1)
+        m = m_new
+    tl.store(m_ptr + split * R + rows, m, mask=row_ok)
+    tl.store(s_ptr + split * R + rows, s, mask=row_ok)
+    tl.store(t_ptr + split * R + rows, t, mask=row_ok)
+
+
+@triton.jit
+def _update_moments(w_ptr, a_ptr, bb_ptr, slab, row_ok, row_has_prev, cols, V, D, stride_w,
+                    r, delta, e, ez, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """``B <- r (B + delta A) + ez @ W_tile`` and ``A <- r A + e @ W_tile``, one D tile at a time.
+
+    Rows with ``row_has_prev`` false read nothing and take ``A = B = 0``; every row is
+    written.
+    """
+    col_ok = cols < V
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        w = w.to(tl.float32)
+        offs = slab[:, None] + ds[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        read = row_has_prev[:, None] & d_ok[None, :]
+        a = tl.load(a_ptr + offs, mask=read, other=0.0)
+        b = tl.load(bb_ptr + offs, mask=read, other=0.0)
+        b = r[:, None] * (b + delta[:, None] * a) + tl.dot(ez, w, input_precision=PRECISION)
+        a = r[:, None] * a + tl.dot(e, w, input_precision=PRECISION)
+        tl.store(a_ptr + offs, a, mask=mask)
+        tl.store(bb_ptr + offs, b, mask=mask)
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, s_ptr, t_ptr, a_ptr, bb_ptr,
+    entropy_ptr, lse_ptr, mu_ptr, dh_ptr,
+    R, D, SPLITS, tau,
+    NEED_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Fold the splits, in order, onto the global max ``M = max_k m_k``, then finish.
+
+    With ``r_k = e^{m_k - M}``, ``delta_k = m_k - M``:
+
+        S = sum_k r_k s_k                 T = sum_k r_k (t_k + delta_k s_k)
+        A = sum_k r_k A_k                 B = sum_k r_k (B_k + delta_k A_k)
+
+    so ``S``, ``T``, ``A``, ``B`` are the whole-vocabulary sums relative to M, and
+
+        H = log S - T/S,   lse = M + log S,   mu = M + T/S,
+        dH/dh = sum_j -p_j (z_j - mu) w_j / tau = -(B - (T/S) A) / (S tau).
+
+    H is taken from the relative sums, not as lse - mu, which would cancel catastrophically
+    for logits of magnitude 1e4. Program (i, 0) also writes the row statistics.
+    """
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+
+    m_max = tl.full((BLOCK_R,), _NEG_INF, dtype=tl.float32)
+    for k in range(SPLITS):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + k * R + rows, mask=row_ok, other=_NEG_INF))
+    total_s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    total_t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(SPLITS):
+        r, delta = _rescale(tl.load(m_ptr + k * R + rows, mask=row_ok, other=_NEG_INF), m_max)
+        s_k = tl.load(s_ptr + k * R + rows, mask=row_ok, other=0.0)
+        total_t += r * (tl.load(t_ptr + k * R + rows, mask=row_ok, other=0.0) + delta * s_k)
+        total_s += r * s_k
+    total_s = tl.where(row_ok, total_s, 1.0)  # padding rows: keep log/divide finite
+    mean = total_t / total_s  # mu - M
+    if pid_d == 0:
+        log_s = tl.log(total_s)
+        tl.store(entropy_ptr + rows, log_s - mean, mask=row_ok)
+        tl.store(lse_ptr + rows, m_max + log_s, mask=row_ok)
+        tl.store(mu_ptr + rows, m_max + mean, mask=row_ok)
+    if NEED_GRAD:
+        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (ds < D)[None, :]
+        rows_d = rows.to(tl.int64)[:, None] * D + ds[None, :]
+        a = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        b = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for k in range(SPLITS):
+            r, delta = _rescale(tl.load(m_ptr + k * R + rows, mask=row_ok, other=_NEG_INF), m_max)
+            offs = k * R * D + rows_d
+            a_k = tl.load(a_ptr + offs, mask=mask, other=0.0)
+            b += r[:, None] * (tl.load(bb_ptr + offs, mask=mask, other=0.0) + delta[:, None] * a_k)
+            a += r[:, None] * a_k
+        dh = -(b - mean[:, None] * a) / (total_s * tau)[:, None]
+        tl.store(dh_ptr + rows_d, dh, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Weight gradient
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weight_grad_kernel(
+    h_ptr, w_ptr, b_ptr, lse_ptr, mu_ptr, g_ptr, dw_ptr, db_ptr,
+    R, V, D, stride_w, tau,
+    HAS_BIAS: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One ``[BLOCK_V, BLOCK_D]`` tile of dW (and db), summed over every row in order:
+
+        G[r, j] = g_r dH_r/dz_rj / tau = -g_r p_rj (z_rj - mu_r) / tau,  p_rj = e^{z_rj - lse_r}
+        dW[j, :] = sum_r G[r, j] h_r        db[j] = sum_r G[r, j]
+
+    The program owns its tile outright (no atomics). G is zero wherever p = 0 (masked
+    vocabulary, padding rows), set by ``where`` so that 0 * inf never appears.
+    """
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    dw = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, R, V, D, stride_w, HAS_BIAS, BLOCK_D, PRECISION) / tau
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
+        scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / tau
+        live = (z > _NEG_INF) & row_ok[:, None]
+        zc = tl.where(live, z - lse[:, None], 0.0)
+        grad = tl.where(live, -tl.exp(zc) * (z - mu[:, None]) * scale[:, None], 0.0)
+        h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dw = tl.dot(tl.trans(grad), h.to(tl.float32), dw, input_precision=PRECISION)
+        if NEED_BIAS:
+            db += tl.sum(grad, axis=0)
+    col_ok = cols < V
+    tl.store(dw_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+    if NEED_BIAS:
+        if pid_d == 0:  # every D tile sums the same db; one writes it
+            tl.store(db_ptr + cols, db, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------
+
+# Interpreter tiles are small so that test shapes (V ~ 300, D ~ 80) still span several tiles.
+_INTERPRETER_BLOCKS = dict(BLOCK_R=16, BLOCK_V=32, BLOCK_D=32)
+_INTERPRETER_SPLITS = 4
+
+
+def _forward_blocks(rows: int) -> dict:
+    """Tiles for the partials kernel (tl.dot needs every dim >= 16).
+
+    Decode (few rows) is a GEMV: thin vocabulary tiles keep each program's W tile
+    (BLOCK_V x D, 114 KB at D=3584) resident in L2 between its two uses. Many rows are a
+    GEMM: wider tiles raise the flops per byte of A/B scratch traffic (6 BLOCK_V / 16).
+    """
+    if triton_interpreted():
+        return dict(_INTERPRETER_BLOCKS)
+    if rows <= 16:
+        return dict(BLOCK_R=16, BLOCK_V=16, BLOCK_D=256)
+    return dict(BLOCK_R=64, BLOCK_V=128, BLOCK_D=64)
+
+
+def _weight_grad_blocks() -> dict:
+    return dict(_INTERPRETER_BLOCKS) if triton_interpreted() else dict(BLOCK_R=32, BLOCK_V=64, BLOCK_D=128)
+
+
+def _merge_blocks() -> dict:
+    return dict(BLOCK_R=16, BLOCK_D=32) if triton_interpreted() else dict(BLOCK_R=16, BLOCK_D=128)
+
+
+def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, **_) -> int:
+    return 8 if BLOCK_R * max(BLOCK_V, BLOCK_D) >= 64 * 128 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary splits: enough programs to fill the GPU twice over, at least one tile each.
+
+    A function of the shapes (and the device's SM count) only, never of timing.
+    """
+    programs = _INTERPRETER_SPLITS if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+    return max(1, min(triton.cdiv(programs, triton.cdiv(rows, block_r)), triton.cdiv(vocab, block_v)))
+
+
+def _keep_shape_warps(configs, named_args, **kwargs):
+    """Autotune prune: keep the configs whose num_warps the tile shape asks for (see module doc)."""
+    want = _num_warps(**kwargs)
+    return [c for c in configs if c.num_warps == want]
+
+
+def _tuned(*, key):
+    """Autotune over pipelining depth on CUDA; exactly one config under the interpreter."""
+    if triton_interpreted():
+        return triton.autotune(configs=[triton.Config({}, num_warps=4, num_stages=1)], key=[])
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _keep_shape_warps})
+
+
+_forward_partials = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_GRAD", "STORE_LOGITS"])(
+    _forward_partials_kernel
+)
+_weight_grad = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_BIAS"])(_weight_grad_kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # tf32 holds bf16/fp16 values exactly; fp32 inputs need full-precision products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------
+# Backend contract (see naive.py)
+# ----------------------------------------------------------------------------------------
+
+
+def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, num_splits=None):
+    """(entropy f32 [R], dH/dh f32 [R, D] | [0], lse f32 [R], mu f32 [R], logits [R, V] | [0]).
+
+    ``num_splits`` overrides the vocabulary split count (tests of the merge); by default
+    it comes from ``_num_splits``.
+    """
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    f32 = dict(dtype=torch.float32, device=device)
+    entropy, lse, mu = (new_output((rows,), **f32) for _ in range(3))
+    dh = new_output((rows, dim) if need_grad else (0,), **f32)
+    logits = new_output((rows, vocab) if return_logits else (0,), dtype=hidden.dtype, device=device)
+    if rows == 0:
+        return entropy, dh, lse, mu, logits
+
+    blocks = _forward_blocks(rows)
+    if num_splits is None:
+        num_splits = _num_splits(rows, vocab, blocks["BLOCK_R"], blocks["BLOCK_V"], device)
+    # Whole tiles per split, then drop splits left empty by the rounding: each split is non-empty.
+    chunk = triton.cdiv(triton.cdiv(vocab, num_splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    num_splits = triton.cdiv(vocab, chunk)
+    stats = torch.empty((3, num_splits, rows), **f32)  # fully written by the partials kernel
+    # Without a gradient the moment pointers are never read: stats stands in for them.
+    moments = torch.empty((2, num_splits, rows, dim), **f32) if need_grad else stats[:2]
+    grid = (triton.cdiv(rows, blocks["BLOCK_R"]), num_splits)
+    _forward_partials[grid](
+        hidden, weight, hidden if bias is None else bias, logits if return_logits else hidden,
+        stats[0], stats[1], stats[2], moments[0], moments[1],
+        rows, vocab, dim, weight.stride(0), float(temperature), chunk,
+        HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
+        PRECISION=_precision(hidden.dtype), **blocks,
+    )
+    merge = _merge_blocks()
+    grid = (triton.cdiv(rows, merge["BLOCK_R"]), triton.cdiv(dim, merge["BLOCK_D"]) if need_grad else 1)
+    _merge_kernel[grid](
+        stats[0], stats[1], stats[2], moments[0], moments[1],
+        entropy, lse, mu, dh if need_grad else entropy,
+        rows, dim, num_splits, float(temperature),
+        NEED_GRAD=need_grad, **merge,
+    )
+    return entropy, dh, lse, mu, logits
+
+
+def weight_grad(hidden, weight, bias, temperature: float, lse, mu, grad_entropy, need_bias: bool):
+    """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau (f32 [V, D]), db_j = sum_r g_r dH_r/dz_rj / tau (f32 [V] | [0])."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    if rows == 0:  # nothing to sum; also keeps empty tensors out of the launch
+        return torch.zeros((vocab, dim), **f32), torch.zeros(vocab if need_bias else 0, **f32)
+    grad_weight = new_output((vocab, dim), **f32)
+    grad_bias = new_output((vocab,) if need_bias else (0,), **f32)
+    blocks = _weight_grad_blocks()
+    grid = (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(dim, blocks["BLOCK_D"]))
+    _weight_grad[grid](
+        hidden, weight, hidden if bias is None else bias, lse, mu, grad_entropy.contiguous(),
+        grad_weight, grad_bias if need_bias else grad_weight,
+        rows, vocab, dim, weight.stride(0), float(temperature),
+        HAS_BIAS=bias is not None, NEED_BIAS=need_bias, PRECISION=_precision(hidden.dtype), **blocks,
+    )
+    return grad_weight, grad_bias
