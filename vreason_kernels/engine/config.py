@@ -1,0 +1,110 @@
+"""``VReasonConfig``: the controller's hyper-parameters, validated on construction."""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from vreason_kernels.backend import BACKENDS
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+OptimizerSpec = Union[str, Callable[[list, float], torch.optim.Optimizer]]
+
+
+@dataclass
+class VReasonConfig:
+    """Hyper-parameters of V-Reason decoding (DESIGN.md §1).
+
+    Attributes:
+        enabled: run the entropy controller (default ``True``). ``False`` decodes plainly
+            through the same loop: the baseline.
+        lr: learning rate of the optimizer on ``ΔV`` (default ``1e-2``; see
+            benchmarks/results/tune_defaults.md).
+        steps: optimizer steps per update (default ``1``). Steps after the first re-run
+            only the controlled layer(s) and the head, never the cache.
+        every: run an update every ``every`` decode forwards (default ``1``, the most
+            accurate and most costly setting).
+        ema_beta: ``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (default ``0.9``); the EMA
+            starts at the first token's entropy.
+        optimizer: ``"adam"`` (default), ``"adamw"``, ``"sgd"``, or a callable
+            ``(params, lr) -> torch.optim.Optimizer``. Optimizers must act elementwise
+            (all of these do) so that the samples of a batch stay independent.
+        layer: index of the decoder layer whose value cache gets ``ΔV`` (default
+            ``None``: the last one, as in the paper; negative indices count from the end).
+        keep_ratio: "Lite" mode: after prefill keep only this fraction of the span's
+            positions (largest value norm) in every layer's cache (default ``1.0``: off).
+        max_delta_norm: bound on the L2 norm of every ``ΔV`` row (one (batch, kv-head,
+            position) vector), applied after each optimizer step (default ``None``: no
+            bound). The norm-preserving map already keeps ``||V'|| = ||V||``; the bound
+            only limits how far a row can turn.
+        backend: backend of the fused ops (default ``"auto"``: Triton on CUDA, C++ on CPU).
+    """
+
+    enabled: bool = True
+    lr: float = 1e-2
+    steps: int = 1
+    every: int = 1
+    ema_beta: float = 0.9
+    optimizer: OptimizerSpec = "adam"
+    layer: Optional[int] = None
+    keep_ratio: float = 1.0
+    max_delta_norm: Optional[float] = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_bool("enabled", self.enabled)
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_int("steps", self.steps, low=1)
+        _check_int("every", self.every, low=1)
+        _check_number("ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
+        if not (callable(self.optimizer) or self.optimizer in OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr), got {self.optimizer!r}")
+        if self.layer is not None:
+            _check_int("layer", self.layer)
+        _check_number("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_open=True)
+        if self.max_delta_norm is not None:
+            _check_number("max_delta_norm", self.max_delta_norm, low=0.0, low_open=True)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def make_optimizer(self, delta: torch.Tensor) -> torch.optim.Optimizer:
+        """The optimizer over the single leaf tensor ``delta``."""
+        if callable(self.optimizer):
+            return self.optimizer([delta], self.lr)
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer]
+        # foreach=False: one tensor, and the single-tensor path has no host syncs on CPU or CUDA.
+        return cls([delta], lr=self.lr, foreach=False)
+
+    def layer_index(self, num_layers: int) -> int:
+        """The controlled layer as an index in ``[0, num_layers)``."""
+        layer = num_layers - 1 if self.layer is None else self.layer
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"layer must lie in [-{num_layers}, {num_layers}) for this model, got {self.layer}")
+        return layer % num_layers
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_int(name, value, low=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be finite and in {interval}, got {value}")

@@ -1,0 +1,148 @@
+"""The V-Reason controller state, all on device (no ``.item()``):
+
+- ``EntropySwitch``: EMA of the entropy, its running peak and the switch ``α_k``.
+- ``DeltaV``: the value-cache delta ``ΔV [B, Hkv, S, D]`` (float32 master copy), its
+  optimizer, the per-row norm bound and the NaN/Inf reset. Shared with the reference.
+- ``LayerRerun``: captures the controlled layer's input during the main forward and
+  re-runs it (and any later layers) for the current token against the cached K/V, with
+  the final norm and the fused entropy, to get ``dH/dΔV`` (engine only).
+"""
+
+import math
+
+import torch
+
+from vreason_kernels.engine.config import VReasonConfig
+from vreason_kernels.ops.linear_entropy import linear_entropy
+
+
+class EntropySwitch:
+    """``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (starting at ``H_1``), its running peak,
+    and ``α_k = -1`` if ``H_ema_k < peak_k`` else ``+1``, per sample."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.ema = None
+        self.peak = None
+
+    def observe(self, entropy: torch.Tensor):
+        """Feed ``H_k [B]``; return ``(H_ema_k, α_k)``, both ``[B]`` float32."""
+        entropy = entropy.detach().float()
+        self.ema = entropy.clone() if self.ema is None else torch.lerp(entropy, self.ema, self.beta)
+        self.peak = self.ema.clone() if self.peak is None else torch.maximum(self.peak, self.ema)
+        alpha = torch.where(self.ema < self.peak, -1.0, 1.0)
+        return self.ema, alpha
+
+
+class DeltaV:
+    """``ΔV`` with its optimizer. Rows are independent: the optimizers act elementwise and
+    the loss is a sum over samples, so a batch behaves like its samples run one by one."""
+
+    def __init__(self, config: VReasonConfig, shape, device):
+        self.delta = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
+        self.optimizer = config.make_optimizer(self.delta)
+        self.max_norm = config.max_delta_norm
+        self.nan_resets = torch.zeros((), dtype=torch.long, device=device)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into ``ΔV``, step, reset non-finite samples, bound the rows."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self._reset_non_finite()
+            if self.max_norm is not None:
+                norms = torch.linalg.vector_norm(self.delta, dim=-1, keepdim=True)
+                self.delta.mul_((self.max_norm / norms).clamp(max=1.0))  # norm 0 -> inf -> 1
+
+    def _reset_non_finite(self) -> None:
+        # A sample whose ΔV (or optimizer state) went NaN/Inf restarts from zero; the
+        # others continue. Counted on device and reported at the end (no sync here).
+        bad = ~torch.isfinite(self.delta).flatten(1).all(1)
+        self.nan_resets += bad.sum()
+        view = bad.view(-1, *([1] * (self.delta.dim() - 1)))
+        for t in [self.delta, *self._state_tensors()]:
+            t.copy_(torch.where(view, torch.zeros_like(t), t))
+
+    def _state_tensors(self):
+        state = self.optimizer.state.get(self.delta, {})
+        return [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == self.delta.shape]
+
+    def norms(self) -> torch.Tensor:
+        """``||ΔV||`` per sample, ``[B]``."""
+        return torch.linalg.vector_norm(self.delta.detach().flatten(1), dim=1)
+
+
+class LayerRerun:
+    """Re-runs decoder layers ``first..last`` for the current token with the gradient on.
+
+    Forward pre-hooks on those layers record each one's inputs (hidden state, mask, RoPE
+    ``position_embeddings``, ...) during the main forward. The re-run passes
+    ``past_key_values=None`` and attends over the cached K/V through the context's
+    ``kv_override``/``mask_override``, so the cache is never touched. Later layers are
+    re-run too when the controlled layer is not the last one; their own cached K/V for
+    the current token stem from the main forward (exact for the first optimizer step).
+    """
+
+    def __init__(self, layers, first: int):
+        self.layers = layers
+        self.first = first
+        self.captured = {}
+        self.handles = [
+            layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in range(first, len(layers))
+        ]
+
+    def _hook(self, index: int):
+        def capture(module, args, kwargs):
+            self.captured[index] = (args, kwargs)
+
+        return capture
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def forward(self, context, cache, norm: torch.nn.Module) -> torch.Tensor:
+        """Final-normed hidden state ``[B, D]`` of the current token, re-computed with the
+        context's current ``delta_v`` (which may require grad)."""
+        args, kwargs = self.captured[self.first]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for i in range(self.first, len(self.layers)):
+            kw = {k: v for k, v in self.captured[i][1].items() if k != "hidden_states"}
+            kw.update(past_key_values=None, use_cache=False)
+            layer_cache = cache.layers[i]
+            context.kv_override[i] = (layer_cache.keys, layer_cache.values)
+            if kw.get("attention_mask") is not None:
+                context.mask_override[i] = kw["attention_mask"]
+            hidden = self.layers[i](hidden, **kw)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return norm(hidden)[:, -1]
+
+    def clear(self, context) -> None:
+        for i in range(self.first, len(self.layers)):
+            context.kv_override.pop(i, None)
+            context.mask_override.pop(i, None)
+        self.captured.clear()
+
+
+def kl_to_uniform_loss(entropy: torch.Tensor, alpha: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``Σ_b α_b (log|V| - H_b)``: the switch loss ``α KL(p || U)`` summed over samples."""
+    return (alpha * (math.log(vocab_size) - entropy)).sum()
+
+
+def fused_update(config: VReasonConfig, delta: DeltaV, rerun: LayerRerun, context, cache, parts, alpha) -> None:
+    """``config.steps`` optimizer steps on ``ΔV`` for the current token (grad only through
+    the re-run layers, the final norm and the fused entropy)."""
+    layer = rerun.first
+    try:
+        for _ in range(config.steps):
+            with torch.enable_grad():
+                context.delta_v[layer] = delta.delta.to(cache.layers[layer].values.dtype)
+                hidden = rerun.forward(context, cache, parts.norm)
+                entropy = linear_entropy(hidden, parts.head_weight, parts.head_bias, backend=config.backend)
+                loss = kl_to_uniform_loss(entropy, alpha, parts.vocab_size)
+            delta.step(loss)
+    finally:
+        rerun.clear(context)
+        context.delta_v[layer] = delta.delta.detach().to(cache.layers[layer].values.dtype)

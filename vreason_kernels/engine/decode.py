@@ -1,0 +1,262 @@
+"""Plumbing shared by the fused engine (loop.py) and the naive reference (reference.py):
+locating the model's parts, checking and preparing the inputs, keeping the model
+unchanged, and recording tokens and traces into a ``VReasonOutput``.
+
+None of it is the V-Reason algorithm itself; both implementations of that stay separate.
+"""
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vreason_kernels.engine.output import VReasonOutput
+from vreason_kernels.engine.sampling import check_sampling_args
+
+# Finished samples are checked on the host once every this many tokens: the only
+# host-device sync of the decode loop. Up to this many - 1 extra steps may run after
+# the last sample finished; their tokens are padding and are trimmed.
+EOS_CHECK_INTERVAL = 8
+
+
+@dataclass
+class ModelParts:
+    """The pieces of a decoder-only (or VLM) causal LM the controller needs.
+
+    ``base`` is the model without its LM head: its output's ``last_hidden_state`` is the
+    final-normed hidden state (handles vision inputs and mRoPE for VLMs).
+    """
+
+    base: torch.nn.Module
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    head_weight: torch.Tensor
+    head_bias: Optional[torch.Tensor]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head_weight.shape[0]
+
+
+def model_parts(model) -> ModelParts:
+    """Locate base model, decoder layers, final norm and LM head, or raise a clear error."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"model must be a causal LM with a linear language-model head (get_output_embeddings()), "
+            f"got {type(model).__name__} with head {type(head).__name__}"
+        )
+    base = getattr(model, "base_model", model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else base
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if base is model or not isinstance(layers, torch.nn.ModuleList) or norm is None:
+        raise ValueError(
+            f"model: {type(model).__name__} does not expose a base model with decoder .layers and a final .norm"
+        )
+    return ModelParts(base=base, layers=layers, norm=norm, head_weight=head.weight, head_bias=head.bias)
+
+
+@contextmanager
+def restored_model(model):
+    """Freeze every parameter for the duration, then restore ``requires_grad`` flags and
+    the ``rope_deltas`` that mRoPE models cache on themselves, also on exceptions."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    holders = [m for m in model.modules() if hasattr(m, "rope_deltas")]
+    deltas = [m.rope_deltas for m in holders]
+    try:
+        model.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, d in zip(holders, deltas):
+            m.rope_deltas = d
+
+
+@dataclass
+class DecodeRequest:
+    """Checked inputs of one ``generate`` call."""
+
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64, left-padded
+    model_inputs: dict  # extra prefill inputs (pixel_values_videos, video_grid_thw, ...)
+    max_new_tokens: int
+    eos_ids: Optional[torch.Tensor]  # [E] int64 or None
+    pad_id: int
+    sampling: dict  # keyword arguments of select_next_token
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _device_of(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def check_request(
+    model, input_ids, *, max_new_tokens, do_sample, temperature, top_p, min_p, eos_token_id, pad_token_id,
+    generator, model_inputs,
+) -> DecodeRequest:
+    """Validate the arguments of ``generate`` (errors name the argument)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor (int64), got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape [B, L] with B, L >= 1, got {tuple(input_ids.shape)}")
+    device = _device_of(model)
+    if input_ids.device != device:
+        raise ValueError(f"input_ids must be on the model's device ({device}), got {input_ids.device}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_sampling_args(do_sample, temperature, top_p, min_p, generator)
+    model_inputs = dict(model_inputs)
+    for name in ("past_key_values", "position_ids", "use_cache", "inputs_embeds"):
+        if name in model_inputs:
+            raise ValueError(f"{name} is managed by generate and cannot be passed")
+    attention_mask = model_inputs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask: prompts must be left-padded (the last position of every row must be 1)")
+
+    gen_config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_config, "eos_token_id", None)
+    eos_ids = None
+    if eos_token_id is not None:
+        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, min_p=min_p, generator=generator)
+    return DecodeRequest(input_ids.long(), attention_mask, model_inputs, max_new_tokens, eos_ids, pad_token_id, sampling)
+
+
+def prefill_position_ids(model, request: DecodeRequest) -> torch.Tensor:
+    """Position ids of the prompt exactly as the model's own ``generate`` builds them
+    (mRoPE ``[4, B, L]`` with ``rope_deltas`` for Qwen2.5-VL, ``[B, L]`` otherwise).
+    Decode steps continue with ``last + 1``, as ``generate`` does."""
+    kwargs = {"attention_mask": request.attention_mask, **request.model_inputs}
+    return model._prepare_position_ids_for_generation(request.input_ids, kwargs)
+
+
+def check_span(span, prompt_len: int, device) -> torch.Tensor:
+    """A user span: 1-D integer positions, sorted, unique, in ``[0, prompt_len)``."""
+    if not isinstance(span, torch.Tensor):
+        raise TypeError(f"span must be a torch.Tensor of positions, got {type(span).__name__}")
+    if span.dim() != 1 or span.dtype.is_floating_point or span.dtype == torch.bool:
+        raise ValueError(f"span must be a 1-D integer tensor [S], got shape {tuple(span.shape)} dtype {span.dtype}")
+    span = span.to(device=device, dtype=torch.long)
+    if span.numel():
+        if int(span.min()) < 0 or int(span.max()) >= prompt_len:
+            raise ValueError(f"span positions must lie in [0, {prompt_len}) (the prompt), got [{int(span.min())}, {int(span.max())}]")
+        if not bool((span[1:] > span[:-1]).all()):
+            raise ValueError("span must be sorted with unique positions")
+    return span
+
+
+def warn_empty_span():
+    warnings.warn("span is empty: nothing to modulate, decoding plainly (V-Reason off)", stacklevel=3)
+
+
+def warn_nan_resets(count: int):
+    """One warning per call, after decoding (counted on device, so no per-token sync)."""
+    if count:
+        warnings.warn(
+            f"ΔV became NaN/Inf and was reset to zero {count} time(s) (sample-steps); decoding continued",
+            stacklevel=3,
+        )
+
+
+def lite_prune(cache, mask, span, keep_ratio):
+    """Lite mode: drop the span positions with the smallest value norms from every layer's
+    cache; the 2-D mask and the span follow the kept positions. Position ids are carried
+    explicitly by the decode loops, so RoPE positions of later tokens are unaffected."""
+    from vreason_kernels.ops.prune_kv import prune_cache, span_after_prune
+
+    kept = prune_cache(cache, span, keep_ratio)
+    return mask[:, kept], span_after_prune(span, kept)
+
+
+class Recorder:
+    """Preallocated tokens and traces; EOS bookkeeping on device."""
+
+    def __init__(self, request: DecodeRequest):
+        b, n = request.batch, request.max_new_tokens
+        device = request.input_ids.device
+        self.request = request
+        self.tokens = torch.full((b, n), request.pad_id, dtype=torch.long, device=device)
+        self.traces = {
+            name: torch.full((b, n), float("nan"), dtype=torch.float32, device=device)
+            for name in ("entropy", "entropy_ema", "alpha", "delta_norm")
+        }
+        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
+        self.alive = torch.zeros((b, n), dtype=torch.bool, device=device)  # unfinished before token k
+        self.steps = 0
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.sync()
+        self.start = time.perf_counter()
+        self.prefill_end = None
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mark_prefill_done(self):
+        self.sync()
+        self.prefill_end = time.perf_counter()
+
+    def record(self, k: int, token: torch.Tensor, **traces: torch.Tensor) -> torch.Tensor:
+        """Store step ``k`` (0-based); return the token to feed next (pad once finished)."""
+        token = torch.where(self.finished, torch.full_like(token, self.request.pad_id), token)
+        self.alive[:, k] = ~self.finished
+        self.tokens[:, k] = token
+        for name, value in traces.items():
+            self.traces[name][:, k] = value.float()
+        if self.request.eos_ids is not None:
+            self.finished |= torch.isin(token, self.request.eos_ids)
+        self.steps = k + 1
+        return token
+
+    def all_finished(self, k: int) -> bool:
+        """The periodic EOS check (a host sync only every ``EOS_CHECK_INTERVAL`` tokens)."""
+        return (k + 1) % EOS_CHECK_INTERVAL == 0 and bool(self.finished.all())
+
+    def output(self, **stats) -> VReasonOutput:
+        self.sync()
+        end = time.perf_counter()
+        keep = int(self.alive[:, : self.steps].any(0).sum())  # columns up to the last EOS
+        alive = self.alive[:, :keep]
+        traces = {name: t[:, :keep].masked_fill(~alive, float("nan")) for name, t in self.traces.items()}
+        prefill_end = self.prefill_end if self.prefill_end is not None else end
+        decode_s = end - prefill_end
+        device = self.device
+        stats = {
+            "tokens": int(alive.sum()),
+            "steps": self.steps,
+            "prefill_s": prefill_end - self.start,
+            "decode_s": decode_s,
+            "wall_s": end - self.start,
+            # The first token comes from the prefill: steps - 1 decode forwards follow it.
+            "time_per_token_s": decode_s / max(self.steps - 1, 1),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            **stats,
+        }
+        sequences = torch.cat([self.request.input_ids, self.tokens[:, :keep]], dim=1)
+        return VReasonOutput(sequences=sequences, stats=stats, **traces)

@@ -1,0 +1,190 @@
+"""``generate``: V-Reason decoding with the fused ops (the package's main entry point).
+
+Per decode step ``k`` (token ``k`` of the answer):
+
+1. Main forward of the previous token through the model without its LM head, under the
+   ``"vreason"`` attention: the controlled layer attends with the current ``ΔV`` on the
+   span rows of its value cache (the cache itself is never modified).
+2. ``H_k`` and the logits come from one fused pass ``vk.linear_entropy`` over the final
+   hidden state and the LM-head weight.
+3. EMA, peak and ``α_k`` are updated on device.
+4. On update steps, ``config.steps`` optimizer steps on ``ΔV`` with the loss
+   ``α_k (log|V| - H_k)``; the gradient flows only through a re-run of the controlled
+   layer for the current token, the final norm and the fused entropy.
+5. Token ``k`` is chosen from the logits of step 2, i.e. BEFORE the update: the update
+   acts from token ``k + 1`` on. This keeps one model forward per token, and ``H_k`` is
+   the entropy of the distribution token ``k`` was actually drawn from.
+
+The first token comes from the prefill, where no value cache exists yet to modulate;
+updates therefore run on decode forwards ``t = k - 1 = 1, 2, ...`` with ``t % every == 0``.
+"""
+
+from contextlib import ExitStack
+from typing import Optional
+
+import torch
+
+from vreason_kernels.engine.config import VReasonConfig
+from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
+from vreason_kernels.engine.decode import (
+    Recorder,
+    check_request,
+    check_span,
+    lite_prune,
+    model_parts,
+    prefill_position_ids,
+    restored_model,
+    warn_empty_span,
+    warn_nan_resets,
+)
+from vreason_kernels.engine.output import VReasonOutput
+from vreason_kernels.engine.sampling import select_next_token
+from vreason_kernels.ops.linear_entropy import linear_entropy
+
+__all__ = ["generate", "is_update_step"]
+
+
+def is_update_step(k: int, every: int) -> bool:
+    """Whether token ``k`` (1-based) triggers an update: decode forward ``k - 1`` is a multiple of ``every``."""
+    return k > 1 and (k - 1) % every == 0
+
+
+def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
+    if config is None:
+        return VReasonConfig(enabled=False)
+    if not isinstance(config, VReasonConfig):
+        raise TypeError(f"config must be a VReasonConfig or None, got {type(config).__name__}")
+    return config
+
+
+def resolve_span(model, span, input_ids) -> torch.Tensor:
+    """The user's span (checked), else video tokens, else image tokens, else the prompt."""
+    if span is not None:
+        return check_span(span, input_ids.shape[1], input_ids.device)
+    from vreason_kernels.integrations.transformers import default_span
+
+    return default_span(model.config, input_ids).to(device=input_ids.device, dtype=torch.long)
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    config: Optional[VReasonConfig] = None,
+    span: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_token_id=None,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    **model_inputs,
+) -> VReasonOutput:
+    """Decode with V-Reason inference-time entropy control (DESIGN.md §1).
+
+    Args:
+        model: a Hugging Face causal LM (or Qwen2.5-VL) with a linear LM head. It is
+            left exactly as it was (attention implementation, hooks, ``requires_grad``).
+        input_ids: ``[B, L]`` int64 prompts, left-padded when ``B > 1`` (pass
+            ``attention_mask`` then).
+        config: a :class:`VReasonConfig`; ``None`` or ``enabled=False`` decodes plainly
+            through the same loop (the baseline).
+        span: ``[S]`` sorted unique prompt positions whose value rows get ``ΔV``, shared by
+            the batch. Default: the video tokens, else the image tokens, else all prompt
+            positions. An empty span decodes plainly with a warning.
+        max_new_tokens: number of tokens to generate at most (default 256; 0 returns at once).
+        do_sample: sample instead of greedy decoding (default ``False``).
+        temperature, top_p, min_p: sampling controls (defaults 1.0, 1.0, 0.0: off). The
+            controller's entropy is always taken at temperature 1.
+        eos_token_id: int or list of ints (default: ``model.generation_config``). Finished
+            samples are checked every ``EOS_CHECK_INTERVAL`` (= 8) tokens, the loop's only
+            host-device sync; later slots hold ``pad_token_id``.
+        pad_token_id: default ``generation_config.pad_token_id``, else the first EOS id.
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        **model_inputs: ``attention_mask`` and prefill-only inputs such as
+            ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
+            ``mm_token_type_ids`` (Qwen2.5-VL).
+
+    Returns:
+        :class:`VReasonOutput` with ``sequences`` and ``[B, new]`` traces.
+    """
+    config = resolve_config(config)
+    parts = model_parts(model)
+    request = check_request(
+        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+        model_inputs=model_inputs,
+    )
+    layer = config.layer_index(len(parts.layers))
+    enabled = config.enabled
+    if enabled:
+        span = resolve_span(model, span, request.input_ids)
+        if span.numel() == 0:
+            warn_empty_span()
+            enabled = False
+    recorder = Recorder(request)
+    if request.max_new_tokens == 0:
+        return recorder.output(updates=0, nan_resets=0, span_size=int(span.numel()) if enabled else 0)
+    with ExitStack() as stack:
+        stack.enter_context(restored_model(model))
+        stack.enter_context(torch.no_grad())
+        context = rerun = None
+        if enabled:
+            from vreason_kernels.integrations.transformers import ValueDeltaContext, vreason_attention
+
+            context = ValueDeltaContext(layers=(layer,), span=span, backend=config.backend)
+            stack.enter_context(vreason_attention(model, context))
+            rerun = LayerRerun(parts.layers, layer)
+            stack.callback(rerun.remove)
+        return _decode(model, parts, request, recorder, config, layer, context, rerun)
+
+
+def _decode(model, parts, request, recorder, config, layer, context, rerun) -> VReasonOutput:
+    mask = request.attention_mask
+    positions = prefill_position_ids(model, request)
+    out = parts.base(
+        input_ids=request.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        **request.model_inputs,
+    )
+    cache = out.past_key_values
+    hidden = out.last_hidden_state[:, -1]
+    delta = None
+    if context is not None:
+        if config.keep_ratio < 1.0:
+            mask, context.span = lite_prune(cache, mask, context.span, config.keep_ratio)
+        values = cache.layers[layer].values
+        delta = DeltaV(config, (values.shape[0], values.shape[1], context.span.numel(), values.shape[3]), values.device)
+        context.delta_v[layer] = delta.delta.detach().to(values.dtype)
+    recorder.mark_prefill_done()
+    switch = EntropySwitch(config.ema_beta)
+    zeros = torch.zeros(request.batch, device=mask.device)
+    updates = 0
+    for k in range(1, request.max_new_tokens + 1):
+        if k > 1:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[..., -1:] + 1
+            out = parts.base(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )
+            hidden = out.last_hidden_state[:, -1]
+        entropy, logits = linear_entropy(
+            hidden, parts.head_weight, parts.head_bias, return_logits=True, backend=config.backend
+        )
+        ema, alpha = switch.observe(entropy)
+        if delta is not None and is_update_step(k, config.every):
+            fused_update(config, delta, rerun, context, cache, parts, alpha)
+            updates += 1
+        token = select_next_token(logits, **request.sampling)
+        token = recorder.record(
+            k - 1, token, entropy=entropy, entropy_ema=ema, alpha=alpha,
+            delta_norm=delta.norms() if delta is not None else zeros,
+        )
+        if recorder.all_finished(k - 1):
+            break
+    nan_resets = int(delta.nan_resets) if delta is not None else 0
+    warn_nan_resets(nan_resets)
+    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=int(context.span.numel()) if context else 0)
+
