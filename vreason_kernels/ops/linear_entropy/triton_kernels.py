@@ -75,10 +75,11 @@ def _rescale(m_old, m_new):
 
     Returns ``r = e^{m_old - m_new}`` and ``delta = m_old - m_new``. A max of -inf means
     "nothing seen yet": its sums are 0, and r = delta = 0 keeps -inf - (-inf) = NaN and
-    0 * inf out of them.
+    0 * inf out of them (both operands are zeroed before the subtraction, so not even a
+    discarded branch makes a NaN).
     """
     seen = m_old > _NEG_INF
-    delta = tl.where(seen, m_old - m_new, 0.0)
+    delta = tl.where(seen, m_old, 0.0) - tl.where(seen, m_new, 0.0)
     return tl.where(seen, tl.exp(delta), 0.0), delta
 
 
@@ -130,7 +131,8 @@ def _forward_partials_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         r, delta = _rescale(m, m_new)
         live = z > _NEG_INF
-        zc = tl.where(live, z - m_new[:, None], 0.0)  # z - m', with masked entries pinned to 0
+        m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
+        zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
         e = tl.where(live, tl.exp(zc), 0.0)
         ez = e * zc
         if NEED_GRAD:
@@ -266,8 +268,8 @@ def _weight_grad_kernel(
         mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
         scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / tau
         live = (z > _NEG_INF) & row_ok[:, None]
-        zc = tl.where(live, z - lse[:, None], 0.0)
-        grad = tl.where(live, -tl.exp(zc) * (z - mu[:, None]) * scale[:, None], 0.0)
+        p = tl.where(live, tl.exp(z - lse[:, None]), 0.0)
+        grad = -p * tl.where(live, z - mu[:, None], 0.0) * scale[:, None]
         h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         dw = tl.dot(tl.trans(grad), h.to(tl.float32), dw, input_precision=PRECISION)
         if NEED_BIAS:
