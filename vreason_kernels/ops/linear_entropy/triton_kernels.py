@@ -223,12 +223,16 @@ def _merge_kernel(
         rows_d = rows.to(tl.int64)[:, None] * D + ds[None, :]
         a = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         b = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        a_k_ptr = a_ptr + rows_d
+        b_k_ptr = bb_ptr + rows_d
         for k in range(SPLITS):
             r, delta = _rescale(tl.load(m_ptr + k * R + rows, mask=row_ok, other=_NEG_INF), m_max)
-            offs = k * R * D + rows_d
-            a_k = tl.load(a_ptr + offs, mask=mask, other=0.0)
-            b += r[:, None] * (tl.load(bb_ptr + offs, mask=mask, other=0.0) + delta[:, None] * a_k)
+            a_k = tl.load(a_k_ptr, mask=mask, other=0.0)
+            b += r[:, None] * (tl.load(b_k_ptr, mask=mask, other=0.0) + delta[:, None] * a_k)
             a += r[:, None] * a_k
+            # Step pointers split by split: k * R * D itself could overflow int32.
+            a_k_ptr += R * D
+            b_k_ptr += R * D
         dh = -(b - mean[:, None] * a) / (total_s * tau)[:, None]
         tl.store(dh_ptr + rows_d, dh, mask=mask)
 
