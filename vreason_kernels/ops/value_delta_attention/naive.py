@@ -152,6 +152,8 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     grad_query = (scale * (ds @ _acc(key).unsqueeze(2))).flatten(1, 2)
     if delta_v is None:
         return grad_query, query.new_empty(0, dtype=grad_query.dtype)
+    if delta_v.shape[2] == 0:
+        return grad_query, grad_query.new_zeros(delta_v.shape)
     grad_v = (p.transpose(-1, -2) @ do).sum(2)  # [B, Hkv, N, D]
     v = _acc(value)
     in_span, delta = _span_rows(v, delta_v, span_index)

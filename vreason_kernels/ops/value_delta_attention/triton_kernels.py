@@ -32,7 +32,7 @@ so the same input gives the same bits. Block sizes, warps and split counts depen
 shapes (and the SM count) only.
 
 Rows that see no key: ``m`` stays -inf and ``l`` 0, the row outputs 0 and lse is -inf; the
-backward's ``P = e^{where(s > -inf, s - lse, -inf)}`` is then 0 (a finite score implies a
+backward's ``P = e^{s - lse}`` is then e^{-inf} = 0 (see ``_finite_or_zero``) (a finite score implies a
 finite lse), so those rows get zero gradients without a special case.
 """
 
@@ -109,6 +109,16 @@ def _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, 
 
 
 @triton.jit
+def _finite_or_zero(m):
+    """The max to subtract before exp: 0 while a row has seen no key (m = -inf).
+
+    Such a row's scores are all -inf, so e^{s - 0} = 0 and e^{m_old - 0} = 0 as they
+    should be, and -inf - (-inf) = NaN is never formed. Otherwise m is finite and used.
+    """
+    return tl.where(m > _NEG_INF, m, 0.0)
+
+
+@triton.jit
 def _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Packed rows of one tile: (rows, row_ok, t, q-head, element offsets [rows, D] of q/o/dO, ds, d_ok)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,10 +154,9 @@ def _forward_kernel(
 ):
     """Online softmax over keys ``[split chunk, ...)`` for one tile of packed rows.
 
-    Per key tile, with ``m' = max(m, max_i s_i)`` and ``a = e^{m - m'}`` (0 while m = -inf):
-    ``l <- a l + sum_i e^{s_i - m'}``, ``acc <- a acc + e^{s - m'} V'``. The scores of
-    masked keys are -inf and get weight e^{-inf} = 0: the exponent is chosen by ``where``
-    before exp, so -inf - (-inf) = NaN is never formed.
+    Per key tile, with ``m' = max(m, max_i s_i)`` and ``a = e^{m - m'}``:
+    ``l <- a l + sum_i e^{s_i - m'}``, ``acc <- a acc + e^{s - m'} V'``. Masked keys have
+    s = -inf and weight e^{-inf} = 0; see ``_finite_or_zero`` for rows that saw no key yet.
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -164,6 +173,7 @@ def _forward_kernel(
     n_start = split * chunk
     n_end = tl.minimum(n_start + chunk, _last_visible(t, row_ok, N, T, CAUSAL))
     m = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    m_old = m
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -177,12 +187,13 @@ def _forward_kernel(
             v = _modulated(v, u, in_span)
         else:
             v = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(tl.where(m > _NEG_INF, m - m_new, _NEG_INF))
-        p = tl.exp(tl.where(s > _NEG_INF, s - m_new[:, None], _NEG_INF))
+        m = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = _finite_or_zero(m)
+        alpha = tl.exp(m_old - m_ref)
+        p = tl.exp(s - m_ref[:, None])
         l = alpha * l + tl.sum(p, axis=1)
         acc = alpha[:, None] * acc + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m_old = m
 
     mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
@@ -223,7 +234,7 @@ def _merge_kernel(acc_ptr, ml_ptr, out_ptr, lse_ptr, Hkv, G, T, D, SPLITS,
     for k in range(SPLITS):
         stat = 2 * ((k * num_bh + pid_bh).to(tl.int64) * G * T + rows)
         m_k = tl.load(ml_ptr + stat, mask=row_ok, other=_NEG_INF)
-        r = tl.exp(tl.where(m_k > _NEG_INF, m_k - m_max, _NEG_INF))
+        r = tl.exp(m_k - _finite_or_zero(m_max))
         l += r * tl.load(ml_ptr + stat + 1, mask=row_ok, other=0.0)
         acc += r[:, None] * tl.load(acc_ptr + k * num_bh.to(tl.int64) * G * T * D + offs, mask=mask, other=0.0)
     _finish(out_ptr, lse_ptr, offs, pid_bh.to(tl.int64) * G * T + rows, mask, row_ok, acc, m_max, l)
@@ -243,7 +254,7 @@ def _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_
     lse = tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0)
     s = _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, stride_bt, stride_bn,
                 scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
-    return tl.exp(tl.where(s > _NEG_INF, s - lse[:, None], _NEG_INF))
+    return tl.exp(s - _finite_or_zero(lse)[:, None])
 
 
 @triton.jit
