@@ -3,7 +3,7 @@
 Notation (DESIGN.md §2.1): ``z = (W h + b) / tau``, ``p = softmax(z)``,
 ``H = logsumexp(z) - sum_j p_j z_j``, ``dH/dz_j = -p_j (z_j - mu)`` with ``mu = E_p[z]``.
 
-Forward, three kernels' worth of work in two launches:
+The forward takes two launches:
 
 1. ``_forward_partials_kernel``, grid ``(row blocks, vocabulary splits)``. Each program
    streams its contiguous chunk of the vocabulary in ``BLOCK_V`` tiles and keeps, relative
@@ -19,6 +19,11 @@ Forward, three kernels' worth of work in two launches:
    (``BLOCK_V x D``) that the second read hits L2, so HBM sees one read of W.
 2. ``_merge_kernel``, grid ``(row blocks, D tiles)``, folds the splits in a fixed order
    (split 0, 1, ...): no atomics, so the same input gives the same bits on every run.
+
+   The slab traffic per vocabulary tile is ``16 BLOCK_R D`` bytes against
+   ``6 BLOCK_R BLOCK_V D`` flops. At decode (one row) it is a few percent of the W read
+   and stays in L2; for thousands of rows (prefill) it, not the GEMM, sets the time, so
+   large-R tiles want retuning on the GPU.
 
 ``weight_grad`` is one more kernel, ``_weight_grad_kernel``: each program owns a
 ``[BLOCK_V, BLOCK_D]`` tile of dW and loops over all rows, recomputing the logits it needs.
