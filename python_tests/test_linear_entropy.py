@@ -181,6 +181,7 @@ def test_float64_only_on_torch_backend():
     [
         (lambda h, w, b: (h[0, 0], w, None), ValueError, "hidden must have at least 1 dims"),
         (lambda h, w, b: (h, w[0], None), ValueError, "weight must have 2 dims"),
+        (lambda h, w, b: (h[:, :0], w[:, :0], None), ValueError, "non-empty last dimension"),
         (lambda h, w, b: (h, w[:, :-1], None), ValueError, "D = hidden.shape"),
         (lambda h, w, b: (h, w[:0], None), ValueError, "non-empty vocabulary"),
         (lambda h, w, b: (h, w, b[:-1]), ValueError, "bias must have shape"),
@@ -190,7 +191,7 @@ def test_float64_only_on_torch_backend():
         (lambda h, w, b: (h.long(), w, None), TypeError, "hidden must be a floating tensor"),
         (lambda h, w, b: (h.tolist(), w, None), TypeError, "hidden must be a torch.Tensor"),
     ],
-    ids=["hidden-0d", "weight-1d", "D-mismatch", "empty-V", "bias-shape", "dtype", "bias-dtype", "device",
+    ids=["hidden-0d", "weight-1d", "empty-D", "D-mismatch", "empty-V", "bias-shape", "dtype", "bias-dtype", "device",
          "int-hidden", "not-a-tensor"],
 )
 def test_bad_input(make_args, error, match):

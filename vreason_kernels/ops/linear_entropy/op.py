@@ -122,6 +122,8 @@ def _check_args(hidden, weight, bias, temperature) -> None:
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
     dim = hidden.shape[-1]
+    if dim == 0:
+        raise ValueError(f"hidden must have a non-empty last dimension D, got shape {tuple(hidden.shape)}")
     if weight.shape[1] != dim:
         raise ValueError(
             f"weight must have shape [V, D] with D = hidden.shape[-1] = {dim}, got shape {tuple(weight.shape)}"
