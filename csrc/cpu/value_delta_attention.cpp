@@ -1,0 +1,570 @@
+// CPU kernels of value-delta attention, fused for the decode regime (DESIGN.md §2.2, §2.3).
+//
+// Per (batch b, kv-head g) the R = G*T query rows of the group (G = Hq/Hkv q-heads, T
+// queries; row r = j*T + t is q-head g*G + j) share one pass over K and V. Value rows
+// at span positions are modulated on the fly, per key and in fp32, never for all of N:
+//   u = v + delta,   nu = max(||u||, eps),   v' = u * gain,   gain = ||v|| / nu,
+// so a zero row v stays 0 (gain = 0).
+//
+// Forward. Scores s = (scale q) . k + bias (-inf where causal hides the key: query t
+// sees key n iff n <= t + N - T). Keys are cut into fixed chunks (from the shapes,
+// never from the thread count); each (b, g, chunk) task runs an online softmax over
+// tiles of kBlock keys, keeping per row (m, l, acc) relative to its running max m:
+//   m' = max(m, max_j s_j),  a = e^{m - m'},  l <- a l + sum_j e^{s_j - m'},
+//   acc <- a acc + sum_j e^{s_j - m'} v'_j.
+// The chunk partials are merged in ascending chunk order (flash-decoding):
+//   M = max_c m_c,  L = sum_c e^{m_c - M} l_c,  out = sum_c e^{m_c - M} acc_c / L,
+//   lse = M + log L.
+// A row that sees no key has M = -inf: out = 0, lse = -inf (no e^{-inf - -inf}).
+//
+// Backward (FA2 with p recomputed from lse, so chunks need no rescaling):
+//   p = e^{s - lse},  dp_n = dO . v'_n,  dS = p (dp - Delta),  Delta = dO . O,
+//   dQ = scale sum_n dS_n k_n          (chunk partials, summed in chunk order),
+//   g_n = dL/dv'_n = sum_r p_rn dO_r   (all R rows of the group live in one task, so
+//                                       g_n is complete there: no merge, no atomics).
+// At a span key, through §2.2 with u_hat = u/nu:
+//   d delta = gain (g - (g . u_hat) u_hat) = gain (g - (g . v') v' / ||v||^2),
+// using v' = gain u, so only v' (already in the tile) and gain are needed. When
+// ||u|| < eps the clamp is active and v' = u ||v|| / eps is linear in u: no projection.
+//
+// Every task runs sequentially in one thread and every sum has a fixed order, so the
+// same input gives the same bits at any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+// The build passes no -march flag, so the tile kernels are compiled for several ISAs
+// and the loader picks the best one the CPU supports (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VREASON_VDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VREASON_VDA_CLONES
+#endif
+
+namespace vreason {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kEps = 1e-6f;           // the norm clamp of §2.2
+constexpr int64_t kBlock = 64;          // keys per tile: K and V' tiles (64 x D fp32) stay in L2
+constexpr int64_t kChunk = 512;         // keys per parallel task (flash-decoding split)
+constexpr int64_t kPartialBudget = int64_t(1) << 24;  // floats of chunk partials (64 MB)
+
+// ---------------------------------------------------------------- tile kernels
+
+// s[r * lds + j] = a_r . x_j for `rows` rows of a (row stride dim) and nx rows of x
+// (row stride ldx). Four rows of a per x row: one load of x_j feeds four FMA chains.
+VREASON_VDA_CLONES void dot_tile(const float* __restrict a, int64_t rows, const float* __restrict x, int64_t ldx,
+                                 int64_t nx, int64_t dim, float* __restrict s, int64_t lds) {
+  for (int64_t j = 0; j < nx; ++j) {
+    const float* xj = x + j * ldx;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const float* a0 = a + r * dim;
+      const float* a1 = a0 + dim;
+      const float* a2 = a1 + dim;
+      const float* a3 = a2 + dim;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t d = 0; d < dim; ++d) {
+        const float xv = xj[d];
+        s0 += a0[d] * xv;
+        s1 += a1[d] * xv;
+        s2 += a2[d] * xv;
+        s3 += a3[d] * xv;
+      }
+      s[r * lds + j] = s0;
+      s[(r + 1) * lds + j] = s1;
+      s[(r + 2) * lds + j] = s2;
+      s[(r + 3) * lds + j] = s3;
+    }
+    for (; r < rows; ++r) {
+      const float* ar = a + r * dim;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < dim; ++d) acc += ar[d] * xj[d];
+      s[r * lds + j] = acc;
+    }
+  }
+}
+
+// out_r += sum_j c[r * cs_r + j * cs_j] x_j, j ascending, for `rows` rows of out (row
+// stride dim) and nx rows of x (row stride ldx). The two coefficient strides let the
+// same kernel take P (acc += P V', dQ += dS K) and P^T (g = P^T dO).
+VREASON_VDA_CLONES void accumulate_tile(float* __restrict out, int64_t rows, const float* __restrict c, int64_t cs_r,
+                                        int64_t cs_j, const float* __restrict x, int64_t ldx, int64_t nx,
+                                        int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * dim;
+    const float* cr = c + r * cs_r;
+    int64_t j = 0;
+    for (; j + 4 <= nx; j += 4) {
+      const float c0 = cr[j * cs_j], c1 = cr[(j + 1) * cs_j], c2 = cr[(j + 2) * cs_j], c3 = cr[(j + 3) * cs_j];
+      const float* x0 = x + j * ldx;
+      const float* x1 = x0 + ldx;
+      const float* x2 = x1 + ldx;
+      const float* x3 = x2 + ldx;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) o[d] += c0 * x0[d] + c1 * x1[d] + c2 * x2[d] + c3 * x3[d];
+    }
+    for (; j < nx; ++j) {
+      const float cj = cr[j * cs_j];
+      const float* xj = x + j * ldx;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) o[d] += cj * xj[d];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- problem layout
+
+struct Layout {
+  int64_t B, Hq, Hkv, G, T, N, D, S;
+  int64_t rows;         // R = G * T query rows per (b, kv-head)
+  int64_t chunk, nchunk;
+  int64_t k_s[3], v_s[3], d_s[3];  // strides of key / value / delta_v over (b, h, n), unit along D
+  const float* bias;    // expanded to [B, Hq, T, N] (stride-0 dims allowed), or null
+  int64_t bias_s[4];
+  bool causal;
+};
+
+// A tile of nb rows (row stride ld) as fp32: float input is used in place, other
+// dtypes are upcast into buf (row stride dim).
+template <typename scalar_t>
+const float* tile_as_float(const scalar_t* src, int64_t ld, int64_t nb, int64_t dim, float* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t d = 0; d < dim; ++d) buf[j * dim + d] = static_cast<float>(src[j * ld + d]);
+    *ld_out = dim;
+    return buf;
+  }
+}
+
+// V' for keys [n0, n0 + nb) of (b, kv-head h) into vbuf (row stride D). With `proj`,
+// also the per-key factors of the backward chain rule: gain = ||v|| / nu and
+// proj = 1 / ||v||^2 where the projection of §2.2 applies (||u|| >= eps, v != 0), else 0.
+template <typename scalar_t>
+void modulated_tile(const Layout& L, const scalar_t* value, const scalar_t* delta, const int32_t* span_index,
+                    int64_t b, int64_t h, int64_t n0, int64_t nb, float* vbuf, float* gain, float* proj) {
+  const int64_t D = L.D;
+  const scalar_t* vbase = value + b * L.v_s[0] + h * L.v_s[1];
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t n = n0 + j;
+    const scalar_t* v = vbase + n * L.v_s[2];
+    float* o = vbuf + j * D;
+    const int32_t row = delta == nullptr ? -1 : span_index[n];
+    if (row < 0) {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(v[d]);
+      continue;
+    }
+    const scalar_t* dv = delta + b * L.d_s[0] + h * L.d_s[1] + row * L.d_s[2];
+    float vv = 0.f, uu = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = static_cast<float>(v[d]);
+      const float u = x + static_cast<float>(dv[d]);
+      o[d] = u;
+      vv += x * x;
+      uu += u * u;
+    }
+    const float unorm = std::sqrt(uu);
+    const float g = std::sqrt(vv) / std::max(unorm, kEps);
+    for (int64_t d = 0; d < D; ++d) o[d] *= g;
+    if (proj != nullptr) {
+      gain[j] = g;
+      proj[j] = (unorm >= kEps && vv > 0.f) ? 1.f / vv : 0.f;
+    }
+  }
+}
+
+// Adds the bias to, and hides causally masked keys of, the scores s [R, kBlock] of
+// keys [n0, n0 + nb) for (b, kv-head g).
+void mask_scores(const Layout& L, int64_t b, int64_t g, int64_t n0, int64_t nb, float* s) {
+  for (int64_t r = 0; r < L.rows; ++r) {
+    const int64_t h = g * L.G + r / L.T, t = r % L.T;
+    float* sr = s + r * kBlock;
+    // Bottom-right aligned: query t sees keys n <= t + N - T.
+    const int64_t visible = L.causal ? std::clamp<int64_t>(t + L.N - L.T + 1 - n0, 0, nb) : nb;
+    if (L.bias != nullptr) {
+      const float* br = L.bias + b * L.bias_s[0] + h * L.bias_s[1] + t * L.bias_s[2] + n0 * L.bias_s[3];
+      for (int64_t j = 0; j < visible; ++j) sr[j] += br[j * L.bias_s[3]];
+    }
+    for (int64_t j = visible; j < nb; ++j) sr[j] = kNegInf;
+  }
+}
+
+// Per-thread scratch of one task.
+struct Scratch {
+  std::vector<float> s, dp, kbuf, vbuf, gain, proj, g;
+  Scratch(int64_t rows, int64_t dim)
+      : s(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * dim), vbuf(kBlock * dim), gain(kBlock), proj(kBlock),
+        g(dim) {}
+};
+
+// ---------------------------------------------------------------- forward
+
+// One (b, kv-head g, chunk c) task: online softmax over the chunk's tiles, leaving the
+// partial (m [R], l [R], acc [R, D]) of the chunk.
+template <typename scalar_t>
+void forward_task(const Layout& L, const float* q32, const scalar_t* key, const scalar_t* value,
+                  const scalar_t* delta, const int32_t* span_index, int64_t b, int64_t g, int64_t c, float* m,
+                  float* l, float* acc, Scratch& w) {
+  const int64_t R = L.rows, D = L.D;
+  const float* q = q32 + (b * L.Hq + g * L.G) * L.T * D;  // the group's R rows are contiguous
+  const scalar_t* kbase = key + b * L.k_s[0] + g * L.k_s[1];
+  std::fill(m, m + R, kNegInf);
+  std::fill(l, l + R, 0.f);
+  std::fill(acc, acc + R * D, 0.f);
+  const int64_t end = std::min(L.N, (c + 1) * L.chunk);
+  for (int64_t n0 = c * L.chunk; n0 < end; n0 += kBlock) {
+    const int64_t nb = std::min(kBlock, end - n0);
+    int64_t ldk;
+    const float* k = tile_as_float(kbase + n0 * L.k_s[2], L.k_s[2], nb, D, w.kbuf.data(), &ldk);
+    float* s = w.s.data();
+    dot_tile(q, R, k, ldk, nb, D, s, kBlock);
+    mask_scores(L, b, g, n0, nb, s);
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = s + r * kBlock;
+      const float m_new = std::max(m[r], *std::max_element(sr, sr + nb));
+      if (m_new == kNegInf) {  // every key so far hidden: nothing to add, keep m = -inf
+        std::fill(sr, sr + nb, 0.f);
+        continue;
+      }
+      if (m_new > m[r]) {
+        const float a = std::exp(m[r] - m_new);  // 0 when m was -inf (acc, l are 0 then)
+        l[r] *= a;
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= a;
+        m[r] = m_new;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < nb; ++j) {
+        sr[j] = std::exp(sr[j] - m_new);
+        sum += sr[j];
+      }
+      l[r] += sum;
+    }
+    modulated_tile(L, value, delta, span_index, b, g, n0, nb, w.vbuf.data(), nullptr, nullptr);
+    accumulate_tile(acc, R, s, kBlock, 1, w.vbuf.data(), D, nb, D);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// One (b, kv-head g, chunk c) task: the chunk's dQ partial [R, D] (unscaled), and the
+// finished grad_delta_v rows of the chunk's span keys.
+template <typename scalar_t>
+void backward_task(const Layout& L, const float* q32, const float* do32, const float* rowsum, const float* lse,
+                   const scalar_t* key, const scalar_t* value, const scalar_t* delta, const int32_t* span_index,
+                   int64_t b, int64_t g, int64_t c, float* dq, float* grad_delta, Scratch& w) {
+  const int64_t R = L.rows, D = L.D;
+  const int64_t row0 = (b * L.Hq + g * L.G) * L.T;  // first of the group's R contiguous rows
+  const float* q = q32 + row0 * D;
+  const float* dout = do32 + row0 * D;
+  const scalar_t* kbase = key + b * L.k_s[0] + g * L.k_s[1];
+  std::fill(dq, dq + R * D, 0.f);
+  const int64_t end = std::min(L.N, (c + 1) * L.chunk);
+  for (int64_t n0 = c * L.chunk; n0 < end; n0 += kBlock) {
+    const int64_t nb = std::min(kBlock, end - n0);
+    int64_t ldk;
+    const float* k = tile_as_float(kbase + n0 * L.k_s[2], L.k_s[2], nb, D, w.kbuf.data(), &ldk);
+    float* p = w.s.data();
+    dot_tile(q, R, k, ldk, nb, D, p, kBlock);
+    mask_scores(L, b, g, n0, nb, p);
+    for (int64_t r = 0; r < R; ++r) {
+      float* pr = p + r * kBlock;
+      const float lr = lse[row0 + r];
+      for (int64_t j = 0; j < nb; ++j) pr[j] = lr == kNegInf ? 0.f : std::exp(pr[j] - lr);  // hidden row: p = 0
+    }
+    float* v = w.vbuf.data();
+    modulated_tile(L, value, delta, span_index, b, g, n0, nb, v, w.gain.data(), w.proj.data());
+    float* ds = w.dp.data();
+    dot_tile(dout, R, v, D, nb, D, ds, kBlock);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < nb; ++j) ds[r * kBlock + j] = p[r * kBlock + j] * (ds[r * kBlock + j] - rowsum[row0 + r]);
+    accumulate_tile(dq, R, ds, kBlock, 1, k, ldk, nb, D);
+    if (delta == nullptr) continue;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int32_t row = span_index[n0 + j];
+      if (row < 0) continue;
+      float* gv = w.g.data();
+      std::fill(gv, gv + D, 0.f);
+      accumulate_tile(gv, 1, p + j, 0, kBlock, dout, D, R, D);  // g = sum_r p_rj dO_r
+      const float* vj = v + j * D;
+      float gdotv;
+      dot_tile(gv, 1, vj, D, 1, D, &gdotv, 1);
+      const float coef = gdotv * w.proj[j], gain = w.gain[j];
+      float* out = grad_delta + (((b * L.Hkv + g) * L.S) + row) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = gain * (gv[d] - coef * vj[d]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- argument checks
+
+// Unit stride along D, as the tile kernels read rows directly.
+at::Tensor dense_rows(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// Validates the shared arguments and fills the layout (without tensor pointers).
+Layout make_layout(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                   const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index,
+                   const c10::optional<at::Tensor>& attn_bias, double scale, bool causal) {
+  const char* op = "value_delta_attention (cpp): ";
+  TORCH_CHECK(query.device().is_cpu(), op, "query must be a CPU tensor, got ", query.device());
+  TORCH_CHECK(query.dim() == 4, op, "query must be [B, Hq, T, D], got shape ", query.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "query must be float32, float16 or bfloat16, got ", dtype);
+  Layout L{};
+  L.B = query.size(0), L.Hq = query.size(1), L.T = query.size(2), L.D = query.size(3);
+  TORCH_CHECK(key.dim() == 4 && key.size(0) == L.B && key.size(3) == L.D, op,
+              "key must be [B, Hkv, N, D] with B = ", L.B, " and D = ", L.D, ", got shape ", key.sizes());
+  L.Hkv = key.size(1), L.N = key.size(2);
+  TORCH_CHECK(L.Hkv > 0 && L.Hq % L.Hkv == 0, op, "key heads Hkv = ", L.Hkv,
+              " must divide query heads Hq = ", L.Hq, " (GQA)");
+  L.G = L.Hq / L.Hkv;
+  L.rows = L.G * L.T;
+  TORCH_CHECK(value.sizes() == key.sizes(), op, "value must have key's shape ", key.sizes(), ", got ",
+              value.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"key", &key}, std::pair{"value", &value}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype, op, name, " must be a CPU tensor of dtype ",
+                dtype, ", got ", t->scalar_type(), " on ", t->device());
+  }
+  L.S = 0;
+  if (delta_v.has_value()) {
+    const at::Tensor& dv = *delta_v;
+    TORCH_CHECK(dv.device().is_cpu() && dv.scalar_type() == dtype, op,
+                "delta_v must be a CPU tensor of dtype ", dtype, ", got ", dv.scalar_type(), " on ", dv.device());
+    TORCH_CHECK(dv.dim() == 4 && dv.size(0) == L.B && dv.size(1) == L.Hkv && dv.size(3) == L.D, op,
+                "delta_v must be [B, Hkv, S, D] = [", L.B, ", ", L.Hkv, ", S, ", L.D, "], got shape ", dv.sizes());
+    L.S = dv.size(2);
+  }
+  TORCH_CHECK(span_index.device().is_cpu() && span_index.scalar_type() == at::kInt && span_index.dim() == 1 &&
+                  span_index.size(0) == L.N,
+              op, "span_index must be an int32 CPU tensor of shape [N] = [", L.N, "], got ",
+              span_index.scalar_type(), " of shape ", span_index.sizes());
+  L.bias = nullptr;
+  if (attn_bias.has_value()) {
+    const at::Tensor& bias = *attn_bias;
+    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat, op,
+                "attn_bias must be a float32 CPU tensor, got ", bias.scalar_type(), " on ", bias.device());
+    const int64_t full[4] = {L.B, L.Hq, L.T, L.N};
+    bool ok = bias.dim() == 4;
+    for (int64_t i = 0; ok && i < 4; ++i) ok = bias.size(i) == 1 || bias.size(i) == full[i];
+    TORCH_CHECK(ok, op, "attn_bias must be 4-D and broadcastable to [B, Hq, T, N] = ", at::IntArrayRef(full, 4),
+                ", got shape ", bias.sizes());
+  }
+  TORCH_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  L.causal = causal;
+  // Chunks of kChunk keys, fewer (longer) when the partials would pass the budget;
+  // both depend only on the shapes, so the split and the bits do not depend on threads.
+  const int64_t max_chunks = std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(1, L.B * L.Hq * L.T * (L.D + 2)));
+  const int64_t nchunk = std::min((L.N + kChunk - 1) / kChunk, max_chunks);
+  L.chunk = nchunk == 0 ? kChunk : ((L.N + nchunk - 1) / nchunk + kBlock - 1) / kBlock * kBlock;
+  L.nchunk = (L.N + L.chunk - 1) / L.chunk;
+  return L;
+}
+
+// span_index must map the span positions one-to-one onto the S rows of delta_v, or an
+// unmapped row would come back unwritten (and a repeated one silently double-counted).
+void check_span_index(const Layout& L, const int32_t* span_index) {
+  std::vector<char> seen(L.S, 0);
+  int64_t mapped = 0;
+  for (int64_t n = 0; n < L.N; ++n) {
+    const int32_t row = span_index[n];
+    TORCH_CHECK(row >= -1 && row < L.S, "value_delta_attention (cpp): span_index[", n, "] = ", row,
+                " is outside [-1, S) with S = ", L.S, " rows of delta_v");
+    if (row < 0) continue;
+    TORCH_CHECK(!seen[row], "value_delta_attention (cpp): span_index maps two positions to row ", row,
+                " of delta_v");
+    seen[row] = 1;
+    ++mapped;
+  }
+  TORCH_CHECK(mapped == L.S, "value_delta_attention (cpp): span_index maps ", mapped, " positions, but delta_v has S = ",
+              L.S, " rows");
+}
+
+// Resolves the tensor-dependent parts of the layout; returns the tensors it used so
+// that they outlive the kernels.
+struct Inputs {
+  at::Tensor q32, key, value, delta, span_index, bias;
+};
+
+Inputs prepare(Layout& L, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+               const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index,
+               const c10::optional<at::Tensor>& attn_bias, double scale) {
+  Inputs in;
+  // Scaling q once makes each score a plain dot product.
+  in.q32 = query.to(at::kFloat).mul(scale).contiguous();
+  in.key = dense_rows(key);
+  in.value = dense_rows(value);
+  for (int i = 0; i < 3; ++i) L.k_s[i] = in.key.stride(i), L.v_s[i] = in.value.stride(i);
+  if (delta_v.has_value()) {
+    in.delta = dense_rows(*delta_v);
+    for (int i = 0; i < 3; ++i) L.d_s[i] = in.delta.stride(i);
+  }
+  in.span_index = span_index.contiguous();
+  if (in.delta.defined()) check_span_index(L, in.span_index.data_ptr<int32_t>());
+  if (attn_bias.has_value()) {
+    in.bias = attn_bias->expand({L.B, L.Hq, L.T, L.N});  // broadcast dims get stride 0
+    L.bias = in.bias.data_ptr<float>();
+    for (int i = 0; i < 4; ++i) L.bias_s[i] = in.bias.stride(i);
+  }
+  return in;
+}
+
+#define VREASON_VDA_CASES(...)              \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
+
+// ---------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& query, const at::Tensor& key,
+                                                             const at::Tensor& value,
+                                                             const c10::optional<at::Tensor>& delta_v,
+                                                             const at::Tensor& span_index,
+                                                             const c10::optional<at::Tensor>& attn_bias,
+                                                             double scale, bool causal) {
+  Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
+  const Inputs in = prepare(L, query, key, value, delta_v, span_index, attn_bias, scale);
+  at::Tensor out = new_output({L.B, L.Hq, L.T, L.D}, query.options());
+  at::Tensor lse = new_output({L.B, L.Hq, L.T}, query.options().dtype(at::kFloat));
+  const int64_t R = L.rows, D = L.D, tasks = L.B * L.Hkv * L.nchunk;
+  // Partials of task i = (b * Hkv + g) * nchunk + c.
+  std::vector<float> part_m(tasks * R), part_l(tasks * R), part_acc(tasks * R * D);
+  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_fwd", VREASON_VDA_CASES([&] {
+    const scalar_t* k = in.key.data_ptr<scalar_t>();
+    const scalar_t* v = in.value.data_ptr<scalar_t>();
+    const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;
+    const int32_t* si = in.span_index.data_ptr<int32_t>();
+    const float* q32 = in.q32.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(R, D);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = i % L.nchunk, bg = i / L.nchunk;
+        forward_task(L, q32, k, v, dv, si, bg / L.Hkv, bg % L.Hkv, c, part_m.data() + i * R,
+                     part_l.data() + i * R, part_acc.data() + i * R * D, w);
+      }
+    });
+    // Merge, chunk by chunk in ascending order, per output row (b, h, t).
+    scalar_t* o = out.data_ptr<scalar_t>();
+    float* lse_p = lse.data_ptr<float>();
+    at::parallel_for(0, L.B * L.Hq * L.T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(D);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
+        const int64_t r = (h % L.G) * L.T + t, task0 = (b * L.Hkv + h / L.G) * L.nchunk;
+        float mx = kNegInf;
+        for (int64_t c = 0; c < L.nchunk; ++c) mx = std::max(mx, part_m[(task0 + c) * R + r]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float total = 0.f;
+        if (mx != kNegInf) {
+          for (int64_t c = 0; c < L.nchunk; ++c) {
+            const int64_t i = (task0 + c) * R + r;
+            if (part_m[i] == kNegInf) continue;  // a chunk this row sees none of
+            const float a = std::exp(part_m[i] - mx);
+            total += a * part_l[i];
+            const float* pa = part_acc.data() + i * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] += a * pa[d];
+          }
+        }
+        // total >= 1 when mx is finite (the max chunk contributes e^0 * l >= 1).
+        const float inv = mx == kNegInf ? 0.f : 1.f / total;
+        for (int64_t d = 0; d < D; ++d) o[row * D + d] = static_cast<scalar_t>(acc[d] * inv);
+        lse_p[row] = mx == kNegInf ? kNegInf : mx + std::log(total);
+      }
+    });
+  }));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index, const c10::optional<at::Tensor>& attn_bias,
+    double scale, bool causal, const at::Tensor& out, const at::Tensor& lse) {
+  Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
+  const char* op = "value_delta_attention (cpp): ";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->sizes() == query.sizes() && t->is_floating_point(), op, name,
+                " must be a floating CPU tensor of query's shape ", query.sizes(), ", got ", t->scalar_type(),
+                " of shape ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == L.B &&
+                  lse.size(1) == L.Hq && lse.size(2) == L.T,
+              op, "lse must be a float32 CPU tensor of shape [B, Hq, T] = [", L.B, ", ", L.Hq, ", ", L.T, "], got ",
+              lse.scalar_type(), " of shape ", lse.sizes());
+  const Inputs in = prepare(L, query, key, value, delta_v, span_index, attn_bias, scale);
+  const at::Tensor do32 = grad_out.to(at::kFloat).contiguous();
+  const at::Tensor out32 = out.to(at::kFloat).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const int64_t R = L.rows, D = L.D, rows = L.B * L.Hq * L.T, tasks = L.B * L.Hkv * L.nchunk;
+  // Delta_r = dO_r . O_r, once per row.
+  std::vector<float> rowsum(rows);
+  {
+    const float* a = do32.data_ptr<float>();
+    const float* o = out32.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dot_tile(a + r * D, 1, o + r * D, D, 1, D, &rowsum[r], 1);
+    });
+  }
+  at::Tensor grad_query = new_output({L.B, L.Hq, L.T, D}, query.options().dtype(at::kFloat));
+  at::Tensor grad_delta = delta_v.has_value() ? new_output({L.B, L.Hkv, L.S, D}, query.options().dtype(at::kFloat))
+                                              : new_output({0}, query.options().dtype(at::kFloat));
+  std::vector<float> part_dq(tasks * R * D);
+  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_VDA_CASES([&] {
+    const scalar_t* k = in.key.data_ptr<scalar_t>();
+    const scalar_t* v = in.value.data_ptr<scalar_t>();
+    const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;
+    const int32_t* si = in.span_index.data_ptr<int32_t>();
+    float* gd = grad_delta.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(R, D);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = i % L.nchunk, bg = i / L.nchunk;
+        backward_task(L, in.q32.data_ptr<float>(), do32.data_ptr<float>(), rowsum.data(), lse_c.data_ptr<float>(),
+                      k, v, dv, si, bg / L.Hkv, bg % L.Hkv, c, part_dq.data() + i * R * D, gd, w);
+      }
+    });
+  }));
+  // dQ = scale * sum of the chunk partials, in ascending chunk order. With N = 0 there
+  // are no chunks and dQ is 0, as for any row that sees no key.
+  float* gq = grad_query.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
+      const int64_t r = (h % L.G) * L.T + t, task0 = (b * L.Hkv + h / L.G) * L.nchunk;
+      float* o = gq + row * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t c = 0; c < L.nchunk; ++c) {
+        const float* p = part_dq.data() + ((task0 + c) * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p[d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] *= fscale;
+    }
+  });
+  return {grad_query, grad_delta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
+  m.impl("value_delta_attention_fwd", &value_delta_attention_fwd);
+  m.impl("value_delta_attention_bwd", &value_delta_attention_bwd);
+}
+
+}  // namespace vreason
