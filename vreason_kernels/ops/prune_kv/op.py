@@ -1,0 +1,152 @@
+"""``prune_kv``: the paper's "Lite" mode (DESIGN.md §1, §3).
+
+After prefill, the video rows of the KV cache with the smallest value norm are dropped.
+The op is a sort and a gather, so plain torch serves every device; it runs once per
+prompt, not per token.
+
+The norm of a position is the L2 norm of its value over all kv heads and head_dim,
+``||value[b, :, i, :]||``, computed in float32 (float64 for float64 input), per batch row.
+Ties are broken towards the EARLIER position: a stable descending sort keeps equal norms
+in position order, so the same input always keeps the same positions.
+"""
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from vreason_kernels._checks import check_same, check_tensor
+
+# keep_ratio * S is rounded up; the tolerance stops float error (0.3 * 10 = 3.0000000000000004)
+# from keeping one row more than the ratio means.
+_CEIL_TOL = 1e-9
+
+
+def _check_span(span: object, n: int) -> Tensor:
+    check_tensor("span", span, ndim=1, floating=False)
+    if span.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"span must be an int32/int64 tensor of positions, got {span.dtype}")
+    if span.numel():
+        lo, hi = int(span.min()), int(span.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"span positions must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
+        if not bool((span[1:] > span[:-1]).all()):
+            raise ValueError("span must be sorted in increasing order with unique positions")
+    return span.long()
+
+
+def _keep_count(keep_ratio: object, s: int) -> int:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real):
+        raise TypeError(f"keep_ratio must be a float in (0, 1], got {type(keep_ratio).__name__}")
+    if not (0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+    if s == 0:
+        return 0
+    return min(s, max(1, math.ceil(float(keep_ratio) * s - _CEIL_TOL)))
+
+
+def _kept_positions(value: Tensor, span: Tensor, n_keep: int) -> Tensor:
+    """int64 ``[B, N - S + n_keep]``: positions kept in each batch row, increasing."""
+    b, _, n, _ = value.shape
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    norms = value.index_select(2, span).to(acc).square().sum(dim=(1, 3))  # [B, S], squared norm: same order
+    if torch.isnan(norms).any():
+        raise ValueError("value has NaN in the span rows; their norms cannot be ranked")
+    order = torch.sort(norms, dim=1, descending=True, stable=True).indices[:, :n_keep]
+    keep = torch.ones(b, n, dtype=torch.bool, device=value.device)
+    keep[:, span] = False
+    keep.scatter_(1, span[order], True)
+    # Every row keeps the same count, so the boolean selection reshapes to [B, N_kept].
+    return torch.arange(n, device=value.device).expand(b, n)[keep].view(b, n - span.numel() + n_keep)
+
+
+def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop the span positions with the smallest value norm from one layer's KV cache.
+
+    Args:
+        key, value: ``[B, Hkv, N, D]`` (HF cache layout), same shape, dtype and device.
+        span: int32/int64 ``[S]``, sorted unique positions in ``[0, N)`` (e.g. the video tokens).
+        keep_ratio: in ``(0, 1]``; ``ceil(keep_ratio * S)`` span positions are kept.
+
+    Returns:
+        ``(key, value, kept_positions)``: key/value ``[B, Hkv, N_kept, D]`` with
+        ``N_kept = N - S + ceil(keep_ratio * S)``, and ``kept_positions`` int64
+        ``[B, N_kept]``, the original positions kept, in increasing order. Positions
+        outside ``span`` are always kept. Within the span, each batch row keeps the
+        positions with the largest ``||value[b, :, i, :]||`` (over all kv heads and
+        head_dim); equal norms favour the earlier position. With nothing to drop the
+        input tensors are returned as they are.
+    """
+    check_tensor("key", key, ndim=4)
+    check_tensor("value", value, ndim=4)
+    if key.shape != value.shape:
+        raise ValueError(
+            f"key and value must have the same shape [B, Hkv, N, D], got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    check_same("dtype", "key", key, [("value", value)])
+    check_same("device", "key", key, [("value", value), ("span", span if isinstance(span, Tensor) else None)])
+    b, _, n, _ = key.shape
+    span = _check_span(span, n)
+    n_keep = _keep_count(keep_ratio, span.numel())
+    if n_keep == span.numel():
+        return key, value, torch.arange(n, device=key.device).expand(b, n).clone()
+    kept = _kept_positions(value, span, n_keep)
+    index = kept[:, None, :, None].expand(b, key.shape[1], kept.shape[1], key.shape[3])
+    return key.gather(2, index), value.gather(2, index), kept
+
+
+def prune_cache(cache, span: Tensor, keep_ratio: float) -> Tensor:
+    """Apply :func:`prune_kv` to every layer of a transformers ``DynamicCache``, in place.
+
+    Each layer ranks the span rows by its OWN value norms, so layers may keep different
+    positions; the count rule gives every layer the same length ``N_kept``.
+
+    Returns:
+        int64 ``[L, B, N_kept]``: the original positions each layer kept (see
+        :func:`pruned_span` for where the span went).
+
+    What the caller must do afterwards:
+        - RoPE positions continue from the ORIGINAL length: pass ``position_ids``
+          (for mRoPE models the 3-D ids / ``rope_deltas`` of the unpruned prompt) counting
+          from ``N``, not from ``cache.get_seq_length()``, which is now ``N_kept``.
+        - The 2-D ``attention_mask`` has the PRUNED length: ``N_kept`` + new tokens.
+        - A span used for ``value_delta_attention`` afterwards lives at
+          ``pruned_span(kept_positions, span)`` in the pruned cache.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or not layers:
+        raise TypeError(f"cache must be a transformers DynamicCache with layers, got {type(cache).__name__}")
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(layers):
+        # Subclasses (sliding window, static) keep positions by rules pruning would break.
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"cache layer {i} must be a DynamicLayer (full attention), got {type(layer).__name__}")
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            raise ValueError(f"cache layer {i} is empty; prune after prefill")
+    kept = []
+    for layer in layers:
+        layer.keys, layer.values, positions = prune_kv(layer.keys, layer.values, span, keep_ratio)
+        kept.append(positions)
+    return torch.stack(kept)
+
+
+def pruned_span(kept_positions: Tensor, span: Tensor) -> Tensor:
+    """Indices in the pruned sequence of the span positions that were kept, int64 ``[S_kept]``.
+
+    ``kept_positions`` is ``[..., N_kept]`` (from :func:`prune_kv` or :func:`prune_cache`).
+    A contiguous span (one video) always maps to the same indices; a split span can map
+    differently per batch row or layer, which raises a ``ValueError`` since one span tensor
+    cannot describe it.
+    """
+    check_tensor("kept_positions", kept_positions, min_ndim=1, floating=False)
+    check_tensor("span", span, ndim=1, floating=False)
+    in_span = torch.isin(kept_positions, span.to(kept_positions.device))
+    rows = in_span.reshape(-1, in_span.shape[-1])
+    if not bool((rows == rows[:1]).all()):
+        raise ValueError(
+            "the kept span positions sit at different pruned indices across batch rows or layers; "
+            "pruned_span needs them to agree (a contiguous span always does)"
+        )
+    return rows[0].nonzero().flatten()
