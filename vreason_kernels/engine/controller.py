@@ -77,11 +77,13 @@ class LayerRerun:
     """Re-runs decoder layers ``first..last`` for the current token with the gradient on.
 
     Forward pre-hooks on those layers record each one's inputs (hidden state, mask, RoPE
-    ``position_embeddings``, ...) during the main forward. The re-run passes
-    ``past_key_values=None`` and attends over the cached K/V through the context's
-    ``kv_override``/``mask_override``, so the cache is never touched. Later layers are
-    re-run too when the controlled layer is not the last one; their own cached K/V for
-    the current token stem from the main forward (exact for the first optimizer step).
+    ``position_embeddings``, ...) during the main forward. The controlled layer is re-run
+    with ``past_key_values=None`` and attends over its cached K/V through the context's
+    ``kv_override``/``mask_override`` (its own current-token K/V do not depend on ``ΔV``).
+    Later layers, re-run when the controlled layer is not the last one, do depend on
+    ``ΔV`` through their current-token K/V: they attend over their cached prefix plus
+    freshly computed K/V (``_PrefixCache``), so the gradient has every path. The cache
+    itself is never touched.
     """
 
     def __init__(self, layers, first: int):
@@ -108,22 +110,37 @@ class LayerRerun:
         context's current ``delta_v`` (which may require grad)."""
         args, kwargs = self.captured[self.first]
         hidden = args[0] if args else kwargs["hidden_states"]
+        prefix = _PrefixCache(cache)
         for i in range(self.first, len(self.layers)):
             kw = {k: v for k, v in self.captured[i][1].items() if k != "hidden_states"}
-            kw.update(past_key_values=None, use_cache=False)
-            layer_cache = cache.layers[i]
-            context.kv_override[i] = (layer_cache.keys, layer_cache.values)
-            if kw.get("attention_mask") is not None:
-                context.mask_override[i] = kw["attention_mask"]
+            kw.update(past_key_values=None if i == self.first else prefix, use_cache=False)
+            if i == self.first:
+                context.kv_override[i] = (cache.layers[i].keys, cache.layers[i].values)
+                if kw.get("attention_mask") is not None:
+                    context.mask_override[i] = kw["attention_mask"]
             hidden = self.layers[i](hidden, **kw)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return norm(hidden)[:, -1]
 
     def clear(self, context) -> None:
-        for i in range(self.first, len(self.layers)):
-            context.kv_override.pop(i, None)
-            context.mask_override.pop(i, None)
+        context.kv_override.pop(self.first, None)
+        context.mask_override.pop(self.first, None)
         self.captured.clear()
+
+
+class _PrefixCache:
+    """Read-only view of a cache without its last (current-token) entry: ``update``
+    returns the prefix with the freshly computed K/V appended and stores nothing."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.cache.layers[layer_idx]
+        return (
+            torch.cat([layer.keys[..., :-1, :], key_states], dim=-2),
+            torch.cat([layer.values[..., :-1, :], value_states], dim=-2),
+        )
 
 
 def kl_to_uniform_loss(entropy: torch.Tensor, alpha: torch.Tensor, vocab_size: int) -> torch.Tensor:
