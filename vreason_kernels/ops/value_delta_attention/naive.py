@@ -58,8 +58,9 @@ def _scores(query, key, attn_bias, scale: float, causal: bool) -> torch.Tensor:
     """Masked scores grouped by kv-head: [B, Hkv, G, T, N] (G = Hq / Hkv) in query's dtype."""
     b, hq, t, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
-    q = query.reshape(b, hkv, hq // hkv, t, d)
-    s = (q @ key.unsqueeze(2).transpose(-1, -2)) * scale
+    # The G q-heads of a kv-head share its keys: one [G T, N] product per kv-head, no
+    # broadcast copies of K (or of V below).
+    s = (query.reshape(b, hkv, hq // hkv * t, d) @ key.transpose(-1, -2)).view(b, hkv, hq // hkv, t, n) * scale
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype).expand(b, hq, t, n).reshape(b, hkv, hq // hkv, t, n)
     if causal:
@@ -92,7 +93,7 @@ def value_delta_attention(
         value = value.index_copy(2, span, modulate_rows(value.index_select(2, span), delta_v))
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     s = _scores(query, key, mask_to_bias(attention_mask, query.dtype), scale, causal)
-    return (_softmax(s) @ value.unsqueeze(2)).flatten(1, 2)
+    return (_softmax(s).flatten(2, 3) @ value).view(query.shape)
 
 
 # ---- the "torch" backend of the custom op: same contract as the fused backends ----
@@ -130,8 +131,8 @@ def _probs(query, key, attn_bias, scale: float, causal: bool, lse: Optional[torc
 def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool):
     """Backend contract: (out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T])."""
     p, lse = _probs(query, key, attn_bias, scale, causal)
-    out = p @ _modulated_values(value, delta_v, span_index).unsqueeze(2)
-    return out.flatten(1, 2).to(query.dtype), lse.flatten(1, 2)
+    out = p.flatten(2, 3) @ _modulated_values(value, delta_v, span_index)
+    return out.view(query.shape).to(query.dtype), lse.flatten(1, 2)
 
 
 def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
@@ -145,16 +146,17 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     p, _ = _probs(query, key, attn_bias, scale, causal, lse.reshape(b, hkv, hq // hkv, t))
-    v_mod = _modulated_values(value, delta_v, span_index).unsqueeze(2)
+    p = p.flatten(2, 3)  # [B, Hkv, G T, N]: the group's rows share K and V'
+    v_mod = _modulated_values(value, delta_v, span_index)
     do = _acc(grad_out).reshape(p.shape[:-1] + (d,))
     rowsum = (do * _acc(out).reshape(do.shape)).sum(-1, keepdim=True)
     ds = p * (do @ v_mod.transpose(-1, -2) - rowsum)
-    grad_query = (scale * (ds @ _acc(key).unsqueeze(2))).flatten(1, 2)
+    grad_query = (scale * (ds @ _acc(key))).view(query.shape)
     if delta_v is None:
         return grad_query, query.new_empty(0, dtype=grad_query.dtype)
     if delta_v.shape[2] == 0:
         return grad_query, grad_query.new_zeros(delta_v.shape)
-    grad_v = (p.transpose(-1, -2) @ do).sum(2)  # [B, Hkv, N, D]
+    grad_v = p.transpose(-1, -2) @ do  # [B, Hkv, N, D], summed over the group's rows
     v = _acc(value)
     in_span, delta = _span_rows(v, delta_v, span_index)
     u = v + delta
