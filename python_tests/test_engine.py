@@ -236,3 +236,44 @@ def test_bad_generate_arguments(llama):
 def test_model_without_lm_head_is_rejected(llama):
     with pytest.raises(ValueError, match="language-model head"):
         vk.generate(llama.model, _prompt(llama.config.vocab_size, 4, 13), max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def qwen_vl():
+    from python_tests.tiny_models import synthetic_video_inputs, tiny_qwen2_5_vl
+
+    model = tiny_qwen2_5_vl()
+    return model, synthetic_video_inputs(model)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_matches_reference_qwen2_5_vl_video(qwen_vl, name):
+    model, inputs = qwen_vl
+    inputs = dict(inputs)
+    ids = inputs.pop("input_ids")
+    config = vk.VReasonConfig(**CONFIGS[name])
+    fused = vk.generate(model, ids, config=config, max_new_tokens=32, eos_token_id=[], **inputs)
+    naive = vk.reference.generate(model, ids, config=config, max_new_tokens=32, eos_token_id=[], **inputs)
+    video = int((ids[0] == model.config.video_token_id).sum())
+    assert fused.stats["span_size"] == video > 0  # the default span is the video
+    assert_same_run(fused, naive)
+
+
+def test_disabled_equals_model_generate_qwen2_5_vl(qwen_vl):
+    model, inputs = qwen_vl
+    expected = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    inputs = dict(inputs)
+    out = vk.generate(model, inputs.pop("input_ids"), max_new_tokens=24, **inputs)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_lite_pruning_matches_reference_qwen2_5_vl(qwen_vl):
+    model, inputs = qwen_vl
+    inputs = dict(inputs)
+    ids = inputs.pop("input_ids")
+    config = vk.VReasonConfig(lr=0.05, keep_ratio=0.5)
+    fused = vk.generate(model, ids, config=config, max_new_tokens=24, eos_token_id=[], **inputs)
+    naive = vk.reference.generate(model, ids, config=config, max_new_tokens=24, eos_token_id=[], **inputs)
+    video = int((ids[0] == model.config.video_token_id).sum())
+    assert fused.stats["span_size"] == -(-video // 2)
+    assert_same_run(fused, naive)

@@ -86,7 +86,7 @@ def generate(
         delta = None
         if enabled:
             if config.keep_ratio < 1.0:
-                mask, span = lite_prune(cache, mask, span, config.keep_ratio)
+                mask, span = lite_prune(cache, mask, span, config.keep_ratio, layer)
             v = cache.layers[layer].values
             delta = DeltaV(config, (v.shape[0], v.shape[1], span.numel(), v.shape[3]), v.device)
         recorder.mark_prefill_done()

@@ -182,14 +182,16 @@ def warn_nan_resets(count: int):
         )
 
 
-def lite_prune(cache, mask, span, keep_ratio):
+def lite_prune(cache, mask, span, keep_ratio, layer):
     """Lite mode: drop the span positions with the smallest value norms from every layer's
-    cache; the 2-D mask and the span follow the kept positions. Position ids are carried
-    explicitly by the decode loops, so RoPE positions of later tokens are unaffected."""
-    from vreason_kernels.ops.prune_kv import prune_cache, span_after_prune
+    cache. The 2-D mask follows the controlled layer's kept positions (positions outside
+    the span, e.g. padding around a video, are kept by every layer) and the span becomes
+    its indices in the pruned cache. Position ids are carried explicitly by the decode
+    loops, so RoPE positions of later tokens are unaffected."""
+    from vreason_kernels.ops.prune_kv import prune_cache, pruned_span
 
-    kept = prune_cache(cache, span, keep_ratio)
-    return mask[:, kept], span_after_prune(span, kept)
+    kept = prune_cache(cache, span, keep_ratio)[layer]  # [B, N_kept]
+    return mask.gather(1, kept), pruned_span(kept, span)
 
 
 class Recorder:

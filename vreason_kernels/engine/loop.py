@@ -153,7 +153,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
     delta = None
     if context is not None:
         if config.keep_ratio < 1.0:
-            mask, context.span = lite_prune(cache, mask, context.span, config.keep_ratio)
+            mask, context.span = lite_prune(cache, mask, context.span, config.keep_ratio, layer)
         values = cache.layers[layer].values
         delta = DeltaV(config, (values.shape[0], values.shape[1], context.span.numel(), values.shape[3]), values.device)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
