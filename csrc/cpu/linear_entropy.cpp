@@ -64,8 +64,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 2048;      // W rows per parallel task and per merged partial
-constexpr int64_t kSubRows = 16;      // W rows per tile of the direct path (16 x D fp32 fits L2)
-constexpr int64_t kDirectMaxRows = 8; // above this many rows, GEMM tiles win
+constexpr int64_t kSubRows = 4;       // W rows per tile of the direct path (4 x D fp32 ~ L1)
+constexpr int64_t kDirectMaxRows = 16; // direct tiles measured faster than GEMM tiles up to here
 constexpr int64_t kGemmRows = 128;    // hidden rows per group on the GEMM path
 
 // ---------------------------------------------------------------- vector kernels
@@ -245,50 +245,65 @@ struct Problem {
   bool gemm;                // GEMM tiles (many rows) or direct tiles (few rows)
 };
 
-// Per-task scratch: the fp32 copy of a W tile (when W is not fp32) and the logit tile.
+// Per-task scratch: the fp32 copy of a W tile (when W is not fp32) and the logit
+// tile [group, tile]. The direct path works on raw pointers from here on: building
+// tensors per 16-row tile would cost as much as the arithmetic.
 struct TileScratch {
-  at::Tensor wbuf, z;
+  at::Tensor wbuf_, z_;
+  float* wbuf = nullptr;
+  float* z = nullptr;
+  int64_t tile = 0;
 };
 
 template <typename scalar_t>
 TileScratch make_scratch(const Problem<scalar_t>& p, int64_t group, int64_t tile) {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   TileScratch sc;
-  if (!std::is_same_v<scalar_t, float>) sc.wbuf = at::empty({tile, p.dim}, opts);
-  sc.z = at::empty({group, tile}, opts);
+  if (!std::is_same_v<scalar_t, float>) {
+    sc.wbuf_ = at::empty({tile, p.dim}, opts);
+    sc.wbuf = sc.wbuf_.data_ptr<float>();
+  }
+  sc.z_ = at::empty({group, tile}, opts);
+  sc.z = sc.z_.data_ptr<float>();
+  sc.tile = tile;
   return sc;
 }
 
-// fp32 view of W rows [j0, j0 + n): the weight itself when fp32, else a widened copy.
+// fp32 rows of a W tile: the weight itself when fp32, else a widened copy.
+struct WeightTile {
+  const float* ptr;
+  int64_t ld;
+};
+
 template <typename scalar_t>
-at::Tensor weight_tile(const Problem<scalar_t>& p, TileScratch& sc, int64_t j0, int64_t n) {
+WeightTile weight_tile(const Problem<scalar_t>& p, const TileScratch& sc, int64_t j0, int64_t n) {
   const scalar_t* src = p.weight + j0 * p.ldw;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return at::from_blob(const_cast<float*>(src), {n, p.dim}, {p.ldw, 1}, at::kFloat);
+    return {src, p.ldw};
   } else {
-    float* dst = sc.wbuf.template data_ptr<float>();
-    for (int64_t j = 0; j < n; ++j) widen(src + j * p.ldw, dst + j * p.dim, p.dim);
-    return sc.wbuf.narrow(0, 0, n);
+    for (int64_t j = 0; j < n; ++j) widen(src + j * p.ldw, sc.wbuf + j * p.dim, p.dim);
+    return {sc.wbuf, p.dim};
   }
 }
 
-// z[g, j] = (w_{j0+j} . h_{r0+g} + b) / tau for the rows of a group, also storing the
-// unscaled logits when asked. Returns the [group, n] fp32 tile.
+at::Tensor as_tensor(const float* ptr, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(ptr), {rows, cols}, {ld, 1}, at::kFloat);
+}
+
+// sc.z[g, j] = (w_{j0+j} . h_{r0+g} + b) / tau for the rows of a group (row stride
+// sc.tile), also storing the unscaled logits when asked.
 template <typename scalar_t>
-at::Tensor logit_tile(const Problem<scalar_t>& p, TileScratch& sc, const at::Tensor& w, int64_t r0, int64_t group,
-                      int64_t j0, int64_t n) {
-  at::Tensor z = sc.z.narrow(0, 0, group).narrow(1, 0, n);  // row stride = tile width
-  const int64_t ldz = sc.z.size(1);
-  float* zp = z.data_ptr<float>();
+void logit_tile(const Problem<scalar_t>& p, const TileScratch& sc, WeightTile w, int64_t r0, int64_t group,
+                int64_t j0, int64_t n) {
   const float* h = p.hidden + r0 * p.dim;
   if (p.gemm) {
-    at::Tensor hg = at::from_blob(const_cast<float*>(h), {group, p.dim}, at::kFloat);
-    at::mm_out(z, hg, w.t());
+    at::Tensor z = as_tensor(sc.z, group, n, sc.tile);
+    at::mm_out(z, as_tensor(h, group, p.dim, p.dim), as_tensor(w.ptr, n, p.dim, w.ld).t());
   } else {
-    for (int64_t g = 0; g < group; ++g) dot_rows(h + g * p.dim, w.data_ptr<float>(), w.stride(0), n, p.dim, zp + g * ldz);
+    for (int64_t g = 0; g < group; ++g) dot_rows(h + g * p.dim, w.ptr, w.ld, n, p.dim, sc.z + g * sc.tile);
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* zr = zp + g * ldz;
+    float* zr = sc.z + g * sc.tile;
     if (p.bias != nullptr)
       for (int64_t j = 0; j < n; ++j) zr[j] += static_cast<float>(p.bias[j0 + j]);
     if (p.logits != nullptr) {
@@ -297,7 +312,6 @@ at::Tensor logit_tile(const Problem<scalar_t>& p, TileScratch& sc, const at::Ten
     }
     for (int64_t j = 0; j < n; ++j) zr[j] *= p.inv_tau;
   }
-  return z;
 }
 
 // ---------------------------------------------------------------- forward
@@ -320,25 +334,23 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
   float* ep = ef.data_ptr<float>();
   for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     const int64_t n = std::min(tile, j_end - j0);
-    at::Tensor w = weight_tile(p, sc, j0, n);
-    at::Tensor z = logit_tile(p, sc, w, r0, group, j0, n);
-    const float* zp = z.data_ptr<float>();
+    const WeightTile w = weight_tile(p, sc, j0, n);
+    logit_tile(p, sc, w, r0, group, j0, n);
     for (int64_t g = 0; g < group; ++g) {
       float* a = need_grad ? ab + g * p.dim : nullptr;
       float* b = need_grad ? ab + (group + g) * p.dim : nullptr;
       const RowState st{m + g, s + g, t + g, a, b};
       float* e = ep + g * tile;
       float* f = ep + (group + g) * tile;
-      const bool live = fold_tile(st, zp + g * tile, n, p.dim, e, f);
+      const bool live = fold_tile(st, sc.z + g * tile, n, p.dim, e, f);
       if (need_grad && live && !p.gemm) {
-        accumulate_rows(a, e, w.data_ptr<float>(), w.stride(0), n, p.dim);
-        accumulate_rows(b, f, w.data_ptr<float>(), w.stride(0), n, p.dim);
+        accumulate_rows(a, e, w.ptr, w.ld, n, p.dim);
+        accumulate_rows(b, f, w.ptr, w.ld, n, p.dim);
       }
     }
     if (need_grad && p.gemm) {
       // [A; B] += [E; F] @ W_tile, after fold_tile has rebased A and B.
-      at::Tensor abt = at::from_blob(ab, {2 * group, p.dim}, at::kFloat);
-      abt.addmm_(ef.narrow(1, 0, n), w);
+      as_tensor(ab, 2 * group, p.dim, p.dim).addmm_(ef.narrow(1, 0, n), as_tensor(w.ptr, n, p.dim, w.ld));
     }
   }
 }
@@ -496,10 +508,11 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
   if (gb != nullptr) std::fill(gb + j_begin, gb + j_end, 0.f);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     const int64_t n = std::min(tile, j_end - j0);
-    at::Tensor w = weight_tile(p, sc, j0, n);
+    const WeightTile w = weight_tile(p, sc, j0, n);
     for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
       const int64_t group = std::min(group_max, p.rows - r0);
-      const float* zp = logit_tile(p, sc, w, r0, group, j0, n).template data_ptr<float>();
+      logit_tile(p, sc, w, r0, group, j0, n);
+      const float* zp = sc.z;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t r = r0 + g;
         const float scale = -g_ent[r] * p.inv_tau;
@@ -511,9 +524,7 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
       }
       const float* h = p.hidden + r0 * p.dim;
       if (p.gemm) {
-        at::Tensor out = at::from_blob(gw + j0 * p.dim, {n, p.dim}, at::kFloat);
-        at::Tensor cm = at::from_blob(cp, {n, group}, at::kFloat);
-        out.addmm_(cm, at::from_blob(const_cast<float*>(h), {group, p.dim}, at::kFloat));
+        as_tensor(gw + j0 * p.dim, n, p.dim, p.dim).addmm_(as_tensor(cp, n, group, group), as_tensor(h, group, p.dim, p.dim));
       } else {
         for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, h, p.dim, group, p.dim);
       }
