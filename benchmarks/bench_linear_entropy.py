@@ -1,0 +1,300 @@
+"""Benchmark of the fused linear entropy: forward + backward in ``hidden`` (weight frozen).
+
+What is timed: ``entropy = linear_entropy(hidden, W); entropy.sum().backward()``, i.e.
+the entropy and dH/dhidden of a decode step (T=1), a short burst (T=16) and a
+prefill-sized block (T=4096), at the Qwen2.5-VL-3B and -7B lm-head shapes (DESIGN §6).
+
+CPU: the C++ backend against the PyTorch reference (matmul -> log_softmax -> entropy ->
+autograd backward; ``naive.linear_entropy``) in the same run. Times are medians of
+``time.perf_counter`` repetitions. Each (case, backend) runs in its own subprocess so
+that peak memory is that process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` high-water
+mark minus its RSS just before the timed call (a small call first loads the libraries;
+inputs are built in their final dtype, in slices, so building them leaves no higher mark). This counts every allocation, torch's
+included, which tracemalloc would not see.
+
+GPU (when CUDA is available): the Triton backend against the same reference and, when
+importable, Liger-Kernel's fused linear cross-entropy and ml-cross-entropy
+(``cut_cross_entropy.linear_cross_entropy``): same cost class (one lm-head GEMM forward,
+one backward, no logits kept), different loss. Timed with ``triton.testing.do_bench``;
+time is also given as a multiple of the floor of one read of W at ``--bandwidth``
+(DESIGN §6: about 3.0 TB/s on an H100). Peak memory is ``torch.cuda.max_memory_allocated``
+above what was allocated before the call.
+
+Results go to ``benchmarks/results/linear_entropy_<device>_<dtype>.{csv,md}``.
+
+    python benchmarks/bench_linear_entropy.py                 # full run, fp32
+    python benchmarks/bench_linear_entropy.py --dtype bfloat16
+    python benchmarks/bench_linear_entropy.py --quick         # T=1, 16 at the 3B shape
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # (D, V), DESIGN.md §6
+TOKENS = (1, 16, 4096)
+RESULTS = Path(__file__).resolve().parent / "results"
+# CPU repetitions per T: T=4096 runs for tens of seconds per call on 2 cores.
+CPU_REPS = {1: 15, 16: 7, 4096: 1}
+# Reference peak at large T: logits plus about five more [T, V] fp32 tensors in forward
+# and backward (z, exp, p * z, their grads); a case whose estimate exceeds the free
+# memory is skipped rather than letting the machine swap or the OOM killer strike.
+REFERENCE_TV_COPIES = 6
+
+
+def make_inputs(dim, vocab, tokens, dtype, device):
+    """W ~ N(0, 0.02^2) like an lm head, hidden ~ N(0, 1); built slice by slice in dtype."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    weight = torch.empty(vocab, dim, dtype=dtype, device=device)
+    for start in range(0, vocab, 8192):
+        block = torch.randn(min(8192, vocab - start), dim, generator=gen) * 0.02
+        weight[start : start + block.shape[0]] = block.to(device=device, dtype=dtype)
+    hidden = torch.randn(tokens, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    return hidden, weight
+
+
+def step_fn(backend, hidden, weight):
+    """One forward + backward in hidden for `backend`."""
+    import vreason_kernels as vk
+    from vreason_kernels.ops.linear_entropy import naive
+
+    if backend == "torch":
+        def run():
+            hidden.grad = None
+            naive.linear_entropy(hidden, weight).sum().backward()
+    elif backend in ("cpp", "triton"):
+        def run():
+            hidden.grad = None
+            vk.linear_entropy(hidden, weight, backend=backend).sum().backward()
+    elif backend == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss()
+        target = torch.randint(0, weight.shape[0], (hidden.shape[0],), device=hidden.device)
+
+        def run():
+            hidden.grad = None
+            loss_fn(weight, hidden, target).backward()
+    elif backend == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        target = torch.randint(0, weight.shape[0], (hidden.shape[0],), device=hidden.device)
+
+        def run():
+            hidden.grad = None
+            linear_cross_entropy(hidden, weight, target).backward()
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return run
+
+
+# ------------------------------------------------------------------------ CPU
+
+
+def cpu_case(shape, tokens, dtype_name, backend):
+    """Runs in a subprocess: returns timing and peak-RSS delta of one (case, backend)."""
+    import psutil
+
+    dim, vocab = SHAPES[shape]
+    dtype = getattr(torch, dtype_name)
+    # A small call first pages in the libraries and starts the thread pool, so that
+    # the RSS delta below is the call's own working memory.
+    step_fn(backend, *make_inputs(dim, 4099, min(tokens, 16), dtype, "cpu"))()
+    hidden, weight = make_inputs(dim, vocab, tokens, dtype, "cpu")
+    run = step_fn(backend, hidden, weight)
+    rss_before = psutil.Process().memory_info().rss
+    times = []
+    reps = CPU_REPS[tokens]
+    for i in range(reps + (1 if reps > 1 else 0)):  # one warm-up unless a single run is all we afford
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    times = times[1:] if reps > 1 else times
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"ms": 1e3 * statistics.median(times), "reps": len(times), "peak_mb": max(0, peak - rss_before) / 2**20}
+
+
+def run_cpu_case_subprocess(shape, tokens, dtype_name, backend):
+    cmd = [sys.executable, __file__, "--_case", json.dumps([shape, tokens, dtype_name, backend])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reference_fits(dim, vocab, tokens, dtype):
+    import psutil
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    need = REFERENCE_TV_COPIES * tokens * vocab * 4 + vocab * dim * elem
+    return need < 0.8 * psutil.virtual_memory().available, need
+
+
+def bench_cpu(cases, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    for shape, tokens in cases:
+        dim, vocab = SHAPES[shape]
+        row = {"shape": shape, "D": dim, "V": vocab, "T": tokens}
+        for backend in ("cpp", "torch"):
+            if backend == "torch":
+                fits, need = reference_fits(dim, vocab, tokens, dtype)
+                if not fits:
+                    row["note"] = f"torch reference skipped: needs ~{need / 2**30:.1f} GiB"
+                    continue
+            res = run_cpu_case_subprocess(shape, tokens, dtype_name, backend)
+            if "error" in res:
+                row["note"] = f"{backend}: {res['error']}"
+                continue
+            row[f"{backend}_ms"] = res["ms"]
+            row[f"{backend}_peak_mb"] = res["peak_mb"]
+            row["reps"] = res["reps"]
+        if "cpp_ms" in row and "torch_ms" in row:
+            row["speedup"] = row["torch_ms"] / row["cpp_ms"]
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------ GPU
+
+
+def bench_gpu(cases, dtype_name, bandwidth):
+    import importlib.util
+
+    from triton.testing import do_bench
+
+    dtype = getattr(torch, dtype_name)
+    peers = ["triton", "torch"]
+    notes = []
+    for name, module in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
+        if importlib.util.find_spec(module) is None:
+            notes.append(f"{name} skipped: {module} is not importable")
+        else:
+            peers.append(name)
+    rows = []
+    for shape, tokens in cases:
+        dim, vocab = SHAPES[shape]
+        hidden, weight = make_inputs(dim, vocab, tokens, dtype, "cuda")
+        floor_ms = 1e3 * weight.numel() * weight.element_size() / bandwidth
+        row = {"shape": shape, "D": dim, "V": vocab, "T": tokens, "floor_ms": floor_ms}
+        for backend in peers:
+            try:
+                run = step_fn(backend, hidden, weight)
+                run()  # compile / autotune outside the timing and the memory peak
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                torch.cuda.synchronize()
+                row[f"{backend}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row[f"{backend}_ms"] = do_bench(run)
+                row[f"{backend}_x_floor"] = row[f"{backend}_ms"] / floor_ms
+            except torch.cuda.OutOfMemoryError:
+                row["note"] = (row.get("note", "") + f" {backend}: out of memory").strip()
+                torch.cuda.empty_cache()
+        if "triton_ms" in row and "torch_ms" in row:
+            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        rows.append(row)
+        print(format_row(row), flush=True)
+        del hidden, weight
+        torch.cuda.empty_cache()
+    return rows, notes
+
+
+# ------------------------------------------------------------------------ output
+
+
+def format_row(row):
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def environment(device):
+    import triton
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU: {cpu}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+    }
+    return env
+
+
+def write_results(rows, env, dtype_name, device, notes, tag):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"linear_entropy_{device}_{dtype_name}{tag}"
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    meta = [f"{k}: {v}" for k, v in env.items()] + [f"dtype: {dtype_name}"]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        for line in meta:
+            f.write(f"# {line}\n")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# linear_entropy forward + backward in hidden ({device}, {dtype_name})", ""]
+    lines += [f"- {line}" for line in meta + notes]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {stem}.csv and {stem}.md")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true", help="T=1 and 16 at the 3B shape only")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"subset of {TOKENS}")
+    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="GPU memory bandwidth for the floor, B/s")
+    parser.add_argument("--_case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._case:  # subprocess worker of the CPU benchmark
+        print(json.dumps(cpu_case(*json.loads(args._case))))
+        return
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = (1, 16) if args.quick else tuple(args.tokens or TOKENS)
+    shapes = ("3B",) if args.quick else tuple(SHAPES)
+    cases = [(shape, t) for shape in shapes for t in tokens]
+    if device == "cuda":
+        rows, notes = bench_gpu(cases, args.dtype, args.bandwidth)
+        notes.append(f"floor: one read of W at {args.bandwidth / 1e12:.2f} TB/s; times from triton.testing.do_bench")
+    else:
+        rows = bench_cpu(cases, args.dtype)
+        notes = [
+            "time: median of time.perf_counter repetitions (column reps; T=4096 runs once, no warm-up)",
+            "peak_mb: ru_maxrss high-water mark minus RSS before the timed calls, one subprocess per backend",
+            "other processes shared the 2 cores during the run: expect noise of tens of percent",
+        ]
+    write_results(rows, environment(device), args.dtype, device, notes, "_quick" if args.quick else "")
+
+
+if __name__ == "__main__":
+    main()
