@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -104,8 +103,6 @@ def step_fn(backend, hidden, weight):
 
 def cpu_case(shape, tokens, dtype_name, backend):
     """Runs in a subprocess: returns timing and peak-RSS delta of one (case, backend)."""
-    import psutil
-
     dim, vocab = SHAPES[shape]
     dtype = getattr(torch, dtype_name)
     # A small call first pages in the libraries and starts the thread pool, so that
@@ -113,7 +110,7 @@ def cpu_case(shape, tokens, dtype_name, backend):
     step_fn(backend, *make_inputs(dim, 4099, min(tokens, 16), dtype, "cpu"))()
     hidden, weight = make_inputs(dim, vocab, tokens, dtype, "cpu")
     run = step_fn(backend, hidden, weight)
-    rss_before = psutil.Process().memory_info().rss
+    rss_before = reset_peak_rss()
     times = []
     reps = CPU_REPS[tokens]
     for i in range(reps + (1 if reps > 1 else 0)):  # one warm-up unless a single run is all we afford
@@ -121,8 +118,24 @@ def cpu_case(shape, tokens, dtype_name, backend):
         run()
         times.append(time.perf_counter() - start)
     times = times[1:] if reps > 1 else times
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss()
     return {"ms": 1e3 * statistics.median(times), "reps": len(times), "peak_mb": max(0, peak - rss_before) / 2**20}
+
+
+def reset_peak_rss():
+    """Resets this process's RSS high-water mark (Linux) and returns the current RSS."""
+    import psutil
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss():
+    """RSS high-water mark in bytes: VmHWM, the value behind getrusage's ru_maxrss."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
 
 
 def run_cpu_case_subprocess(shape, tokens, dtype_name, backend):
@@ -290,10 +303,11 @@ def main():
         rows = bench_cpu(cases, args.dtype)
         notes = [
             "time: median of time.perf_counter repetitions (column reps; T=4096 runs once, no warm-up)",
-            "peak_mb: ru_maxrss high-water mark minus RSS before the timed calls, one subprocess per backend",
+            "peak_mb: RSS high-water mark (VmHWM, reset after setup) minus RSS before the timed calls, one subprocess per backend",
             "other processes shared the 2 cores during the run: expect noise of tens of percent",
         ]
-    write_results(rows, environment(device), args.dtype, device, notes, "_quick" if args.quick else "")
+    tag = "_quick" if args.quick else "_T" + "-".join(map(str, tokens)) if args.tokens else ""
+    write_results(rows, environment(device), args.dtype, device, notes, tag)
 
 
 if __name__ == "__main__":
