@@ -36,13 +36,20 @@ def _span_index(span: Tensor, n: int) -> Tensor:
     """int32 [N]: row of ``delta_v`` at each span position, -1 elsewhere.
 
     A custom op so that the data-dependent checks of ``span`` run eagerly, also under
-    ``torch.compile`` (traced code cannot branch on tensor values).
+    ``torch.compile`` (traced code cannot branch on tensor values). On CPU a bad span
+    raises ``ValueError``. On CUDA the same checks run on the device
+    (``torch._assert_async``), because reading the result back would cost a host sync on
+    every decode step; a bad span then fails as a device-side assertion.
     """
     if span.numel():
-        lo, hi = int(span.min()), int(span.max())
-        if lo < 0 or hi >= n:
+        in_range = (span.min() >= 0) & (span.max() < n)
+        increasing = (span[1:] > span[:-1]).all()
+        if span.is_cuda:
+            torch._assert_async(in_range & increasing, "span must be sorted unique positions in [0, N)")
+        elif not bool(in_range):
+            lo, hi = int(span.min()), int(span.max())
             raise ValueError(f"span positions must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
-        if not bool((span[1:] > span[:-1]).all()):
+        elif not bool(increasing):
             raise ValueError("span must be sorted in increasing order with unique positions")
     index = torch.full((n,), -1, dtype=torch.int32, device=span.device)
     index[span.long()] = torch.arange(span.numel(), dtype=torch.int32, device=span.device)
