@@ -70,6 +70,8 @@ class ValueDeltaContext:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.span is not None:
             check_tensor("span", self.span, ndim=1, floating=False)
+            if self.span.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"span must be an int32/int64 tensor of positions, got {self.span.dtype}")
 
 
 def register() -> None:
