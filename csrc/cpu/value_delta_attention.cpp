@@ -28,7 +28,9 @@
 // ||u|| < eps the clamp is active and v' = u ||v|| / eps is linear in u: no projection.
 //
 // Every task runs sequentially in one thread and every sum has a fixed order, so the
-// same input gives the same bits at any thread count.
+// same input gives the same bits at any thread count. Any T works; decode (small T)
+// is what the split targets, and the chunk count shrinks as T grows to bound the
+// partials' memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -39,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -64,38 +67,67 @@ constexpr int64_t kPartialBudget = int64_t(1) << 24;  // floats of chunk partial
 
 // ---------------------------------------------------------------- tile kernels
 
+// Sixteen fp32 lanes (GCC/Clang vector extension): one AVX-512 register, two AVX2 or
+// four SSE ones. Lane l of a dot product accumulates the elements d = l (mod 16).
+typedef float Lanes __attribute__((vector_size(64)));
+typedef float HalfLanes __attribute__((vector_size(32)));
+typedef float QuarterLanes __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 16;
+
+// Lanes of p[0, n), zero beyond (n < kLanes only at the tail of a row).
+inline Lanes load_lanes(const float* p, int64_t n = kLanes) {
+  Lanes v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+// Sum of the lanes in a fixed tree order. (A `reduction` clause adds them one at a
+// time, a serial chain per dot product that dominated the decode time.)
+inline float sum_lanes(Lanes v) {
+  const HalfLanes h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const QuarterLanes q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Calls step(d, n) over [0, dim) in blocks of n = kLanes lanes and one shorter tail;
+// the full blocks see a constant n, so their loads compile to plain vector loads.
+template <typename Step>
+inline void for_lanes(int64_t dim, Step step) {
+  const int64_t body = dim / kLanes * kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) step(d, kLanes);
+  if (body < dim) step(body, dim - body);
+}
+
 // s[r * lds + j] = a_r . x_j for `rows` rows of a (row stride dim) and nx rows of x
-// (row stride ldx). Four rows of a per x row: one load of x_j feeds four FMA chains.
+// (row stride ldx). Four x rows per a row: one load of a_r feeds four independent FMA
+// chains (a single chain is latency-bound), whatever the number of rows.
 VREASON_VDA_CLONES void dot_tile(const float* __restrict a, int64_t rows, const float* __restrict x, int64_t ldx,
                                  int64_t nx, int64_t dim, float* __restrict s, int64_t lds) {
-  for (int64_t j = 0; j < nx; ++j) {
-    const float* xj = x + j * ldx;
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      const float* a0 = a + r * dim;
-      const float* a1 = a0 + dim;
-      const float* a2 = a1 + dim;
-      const float* a3 = a2 + dim;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t d = 0; d < dim; ++d) {
-        const float xv = xj[d];
-        s0 += a0[d] * xv;
-        s1 += a1[d] * xv;
-        s2 += a2[d] * xv;
-        s3 += a3[d] * xv;
-      }
-      s[r * lds + j] = s0;
-      s[(r + 1) * lds + j] = s1;
-      s[(r + 2) * lds + j] = s2;
-      s[(r + 3) * lds + j] = s3;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a + r * dim;
+    float* sr = s + r * lds;
+    int64_t j = 0;
+    for (; j + 4 <= nx; j += 4) {
+      const float* xj = x + j * ldx;
+      Lanes acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+      for_lanes(dim, [&](int64_t d, int64_t n) {
+        const Lanes av = load_lanes(ar + d, n);
+        acc0 += av * load_lanes(xj + d, n);
+        acc1 += av * load_lanes(xj + ldx + d, n);
+        acc2 += av * load_lanes(xj + 2 * ldx + d, n);
+        acc3 += av * load_lanes(xj + 3 * ldx + d, n);
+      });
+      sr[j] = sum_lanes(acc0);
+      sr[j + 1] = sum_lanes(acc1);
+      sr[j + 2] = sum_lanes(acc2);
+      sr[j + 3] = sum_lanes(acc3);
     }
-    for (; r < rows; ++r) {
-      const float* ar = a + r * dim;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < dim; ++d) acc += ar[d] * xj[d];
-      s[r * lds + j] = acc;
+    for (; j < nx; ++j) {
+      const float* xj = x + j * ldx;
+      Lanes acc = {};
+      for_lanes(dim, [&](int64_t d, int64_t n) { acc += load_lanes(ar + d, n) * load_lanes(xj + d, n); });
+      sr[j] = sum_lanes(acc);
     }
   }
 }
@@ -128,6 +160,25 @@ VREASON_VDA_CLONES void accumulate_tile(float* __restrict out, int64_t rows, con
   }
 }
 
+// In place, v -> v' = u gain with u = v + dv, gain = ||v|| / max(||u||, eps); also
+// proj = 1 / ||v||^2 where the projection of the backward applies (||u|| >= eps and
+// v != 0), else 0.
+VREASON_VDA_CLONES void modulate_row(float* __restrict v, const float* __restrict dv, int64_t dim, float* gain,
+                                     float* proj) {
+  Lanes vv = {}, uu = {};
+  for_lanes(dim, [&](int64_t d, int64_t n) {
+    const Lanes x = load_lanes(v + d, n), u = x + load_lanes(dv + d, n);
+    vv += x * x;
+    uu += u * u;
+    std::memcpy(v + d, &u, n * sizeof(float));
+  });
+  const float vnorm2 = sum_lanes(vv), unorm = std::sqrt(sum_lanes(uu));
+  const float g = std::sqrt(vnorm2) / std::max(unorm, kEps);
+  for (int64_t d = 0; d < dim; ++d) v[d] *= g;
+  *gain = g;
+  *proj = (unorm >= kEps && vnorm2 > 0.f) ? 1.f / vnorm2 : 0.f;
+}
+
 // ---------------------------------------------------------------- problem layout
 
 struct Layout {
@@ -140,6 +191,26 @@ struct Layout {
   bool causal;
 };
 
+// Per-thread scratch of one task.
+struct Scratch {
+  std::vector<float> s, dp, kbuf, vbuf, dbuf, gain, proj, g;
+  Scratch(int64_t rows, int64_t dim)
+      : s(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * dim), vbuf(kBlock * dim), dbuf(dim), gain(kBlock),
+        proj(kBlock), g(dim) {}
+};
+
+// Upcasts nb rows (row stride ld) into buf (row stride dim).
+template <typename scalar_t>
+void convert_rows(const scalar_t* src, int64_t ld, int64_t nb, int64_t dim, float* buf) {
+  for (int64_t j = 0; j < nb; ++j) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(buf + j * dim, src + j * ld, dim * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < dim; ++d) buf[j * dim + d] = static_cast<float>(src[j * ld + d]);
+    }
+  }
+}
+
 // A tile of nb rows (row stride ld) as fp32: float input is used in place, other
 // dtypes are upcast into buf (row stride dim).
 template <typename scalar_t>
@@ -148,47 +219,35 @@ const float* tile_as_float(const scalar_t* src, int64_t ld, int64_t nb, int64_t 
     *ld_out = ld;
     return src;
   } else {
-    for (int64_t j = 0; j < nb; ++j)
-      for (int64_t d = 0; d < dim; ++d) buf[j * dim + d] = static_cast<float>(src[j * ld + d]);
+    convert_rows(src, ld, nb, dim, buf);
     *ld_out = dim;
     return buf;
   }
 }
 
-// V' for keys [n0, n0 + nb) of (b, kv-head h) into vbuf (row stride D). With `proj`,
-// also the per-key factors of the backward chain rule: gain = ||v|| / nu and
-// proj = 1 / ||v||^2 where the projection of §2.2 applies (||u|| >= eps, v != 0), else 0.
+// V' for keys [n0, n0 + nb) of (b, kv-head h) as an fp32 tile (row stride *ld_out):
+// V itself, like tile_as_float, when no key of the tile is in the span, else built in
+// w.vbuf, with w.gain / w.proj of its span keys (see modulate_row).
 template <typename scalar_t>
-void modulated_tile(const Layout& L, const scalar_t* value, const scalar_t* delta, const int32_t* span_index,
-                    int64_t b, int64_t h, int64_t n0, int64_t nb, float* vbuf, float* gain, float* proj) {
+const float* modulated_tile(const Layout& L, const scalar_t* value, const scalar_t* delta,
+                            const int32_t* span_index, int64_t b, int64_t h, int64_t n0, int64_t nb, Scratch& w,
+                            int64_t* ld_out) {
   const int64_t D = L.D;
-  const scalar_t* vbase = value + b * L.v_s[0] + h * L.v_s[1];
+  const scalar_t* vbase = value + b * L.v_s[0] + h * L.v_s[1] + n0 * L.v_s[2];
+  const bool any_span =
+      delta != nullptr && std::any_of(span_index + n0, span_index + n0 + nb, [](int32_t row) { return row >= 0; });
+  if (!any_span) return tile_as_float(vbase, L.v_s[2], nb, D, w.vbuf.data(), ld_out);
+  *ld_out = D;
+  convert_rows(vbase, L.v_s[2], nb, D, w.vbuf.data());
   for (int64_t j = 0; j < nb; ++j) {
-    const int64_t n = n0 + j;
-    const scalar_t* v = vbase + n * L.v_s[2];
-    float* o = vbuf + j * D;
-    const int32_t row = delta == nullptr ? -1 : span_index[n];
-    if (row < 0) {
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(v[d]);
-      continue;
-    }
-    const scalar_t* dv = delta + b * L.d_s[0] + h * L.d_s[1] + row * L.d_s[2];
-    float vv = 0.f, uu = 0.f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float x = static_cast<float>(v[d]);
-      const float u = x + static_cast<float>(dv[d]);
-      o[d] = u;
-      vv += x * x;
-      uu += u * u;
-    }
-    const float unorm = std::sqrt(uu);
-    const float g = std::sqrt(vv) / std::max(unorm, kEps);
-    for (int64_t d = 0; d < D; ++d) o[d] *= g;
-    if (proj != nullptr) {
-      gain[j] = g;
-      proj[j] = (unorm >= kEps && vv > 0.f) ? 1.f / vv : 0.f;
-    }
+    const int32_t row = span_index[n0 + j];
+    if (row < 0) continue;
+    int64_t unused_ld;
+    const float* dv = tile_as_float(delta + b * L.d_s[0] + h * L.d_s[1] + row * L.d_s[2], D, 1, D, w.dbuf.data(),
+                                    &unused_ld);
+    modulate_row(w.vbuf.data() + j * D, dv, D, &w.gain[j], &w.proj[j]);
   }
+  return w.vbuf.data();
 }
 
 // Adds the bias to, and hides causally masked keys of, the scores s [R, kBlock] of
@@ -206,14 +265,6 @@ void mask_scores(const Layout& L, int64_t b, int64_t g, int64_t n0, int64_t nb, 
     for (int64_t j = visible; j < nb; ++j) sr[j] = kNegInf;
   }
 }
-
-// Per-thread scratch of one task.
-struct Scratch {
-  std::vector<float> s, dp, kbuf, vbuf, gain, proj, g;
-  Scratch(int64_t rows, int64_t dim)
-      : s(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * dim), vbuf(kBlock * dim), gain(kBlock), proj(kBlock),
-        g(dim) {}
-};
 
 // ---------------------------------------------------------------- forward
 
@@ -257,8 +308,9 @@ void forward_task(const Layout& L, const float* q32, const scalar_t* key, const 
       }
       l[r] += sum;
     }
-    modulated_tile(L, value, delta, span_index, b, g, n0, nb, w.vbuf.data(), nullptr, nullptr);
-    accumulate_tile(acc, R, s, kBlock, 1, w.vbuf.data(), D, nb, D);
+    int64_t ldv;
+    const float* v = modulated_tile(L, value, delta, span_index, b, g, n0, nb, w, &ldv);
+    accumulate_tile(acc, R, s, kBlock, 1, v, ldv, nb, D);
   }
 }
 
@@ -289,10 +341,10 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
       const float lr = lse[row0 + r];
       for (int64_t j = 0; j < nb; ++j) pr[j] = lr == kNegInf ? 0.f : std::exp(pr[j] - lr);  // hidden row: p = 0
     }
-    float* v = w.vbuf.data();
-    modulated_tile(L, value, delta, span_index, b, g, n0, nb, v, w.gain.data(), w.proj.data());
+    int64_t ldv;
+    const float* v = modulated_tile(L, value, delta, span_index, b, g, n0, nb, w, &ldv);
     float* ds = w.dp.data();
-    dot_tile(dout, R, v, D, nb, D, ds, kBlock);
+    dot_tile(dout, R, v, ldv, nb, D, ds, kBlock);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < nb; ++j) ds[r * kBlock + j] = p[r * kBlock + j] * (ds[r * kBlock + j] - rowsum[row0 + r]);
     accumulate_tile(dq, R, ds, kBlock, 1, k, ldk, nb, D);
@@ -303,7 +355,7 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
       float* gv = w.g.data();
       std::fill(gv, gv + D, 0.f);
       accumulate_tile(gv, 1, p + j, 0, kBlock, dout, D, R, D);  // g = sum_r p_rj dO_r
-      const float* vj = v + j * D;
+      const float* vj = v + j * ldv;
       float gdotv;
       dot_tile(gv, 1, vj, D, 1, D, &gdotv, 1);
       const float coef = gdotv * w.proj[j], gain = w.gain[j];
@@ -393,8 +445,8 @@ void check_span_index(const Layout& L, const int32_t* span_index) {
     seen[row] = 1;
     ++mapped;
   }
-  TORCH_CHECK(mapped == L.S, "value_delta_attention (cpp): span_index maps ", mapped, " positions, but delta_v has S = ",
-              L.S, " rows");
+  TORCH_CHECK(mapped == L.S, "value_delta_attention (cpp): span_index maps ", mapped,
+              " positions, but delta_v has S = ", L.S, " rows");
 }
 
 // Resolves the tensor-dependent parts of the layout; returns the tensors it used so
@@ -498,7 +550,8 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
     double scale, bool causal, const at::Tensor& out, const at::Tensor& lse) {
   Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
   const char* op = "value_delta_attention (cpp): ";
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, std::pair{"out", &out}}) {
     TORCH_CHECK(t->device().is_cpu() && t->sizes() == query.sizes() && t->is_floating_point(), op, name,
                 " must be a floating CPU tensor of query's shape ", query.sizes(), ", got ", t->scalar_type(),
                 " of shape ", t->sizes(), " on ", t->device());
