@@ -210,3 +210,19 @@ def test_default_span():
     shifted = torch.cat([video[:1], video[1:].roll(1, dims=1)])
     with pytest.raises(ValueError, match="differ across batch rows"):
         default_span(config, shifted)
+
+
+def test_static_cache_generation_matches_sdpa():
+    """A prefill into an empty static cache gets no mask and N > T: SDPA's top-left rule applies."""
+    model = tiny_llama()
+    input_ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(
+        max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True, output_logits=True
+    )
+    ref = model.generate(input_ids, **kwargs)
+    span = torch.arange(2, 9)
+    context = ValueDeltaContext(span=span, delta_v={2: _zero_delta(model, 2, span)}, backend="torch")
+    with vreason_attention(model, context):
+        out = model.generate(input_ids, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=LOGIT_ATOL, rtol=0)

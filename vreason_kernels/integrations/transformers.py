@@ -139,6 +139,7 @@ def _value_delta_forward(module, context: ValueDeltaContext, layer: int, query, 
     if dropout:
         raise ValueError(f"vreason attention does not apply dropout (got dropout={dropout}); call model.eval()")
     override = context.kv_override.get(layer)
+    n_passed = key.shape[2]
     if override is not None:
         key, value = override
         attention_mask = context.mask_override.get(layer)
@@ -151,8 +152,9 @@ def _value_delta_forward(module, context: ValueDeltaContext, layer: int, query, 
             raise ValueError(f"ValueDeltaContext.delta_v[{layer}] is set but span is None")
         span = context.span.to(query.device)
         delta_v = delta_v.to(query.dtype)
-        if span.numel() and int(span[-1]) >= key.shape[2] and override is None:
-            # Only after the static-cache cut above: rows past T are seen by no query.
+        if override is None and key.shape[2] < n_passed:
+            # The static-cache cut above: span rows past T are seen by no query. Tested on
+            # shapes, so ordinary decoding never syncs with the device here.
             visible = span < key.shape[2]
             span, delta_v = span[visible], delta_v[:, :, visible]
     out = value_delta_attention(
