@@ -89,7 +89,8 @@ def test_keep_ratio_one_and_empty_span_are_identity():
     ],
 )
 def test_bad_input(kwargs, error, match):
-    args = dict(key=torch.randn(2, 2, 9, 4), value=torch.randn(2, 2, 9, 4), span=torch.tensor([1, 4, 5]), keep_ratio=0.5)
+    args = dict(key=torch.randn(2, 2, 9, 4), value=torch.randn(2, 2, 9, 4), span=torch.tensor([1, 4, 5]))
+    args["keep_ratio"] = 0.5
     args.update(kwargs)
     with pytest.raises(error, match=match):
         vk.prune_kv(**args)

@@ -217,7 +217,11 @@ def test_static_cache_generation_matches_sdpa():
     model = tiny_llama()
     input_ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(8))
     kwargs = dict(
-        max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True, output_logits=True
+        max_new_tokens=6,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     ref = model.generate(input_ids, **kwargs)
     span = torch.arange(2, 9)

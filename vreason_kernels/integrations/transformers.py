@@ -135,7 +135,10 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _value_delta_forward(module, context: ValueDeltaContext, layer: int, query, key, value, attention_mask, scaling, dropout, kwargs):
+def _value_delta_forward(
+    module, context: ValueDeltaContext, layer: int, query, key, value, attention_mask, scaling, dropout, kwargs
+):
+    """``value_delta_attention`` for a bound layer, honouring its kv override; ``[B, T, Hq, D]``."""
     if dropout:
         raise ValueError(f"vreason attention does not apply dropout (got dropout={dropout}); call model.eval()")
     override = context.kv_override.get(layer)
@@ -244,7 +247,9 @@ def vreason_attention(model, context: ValueDeltaContext):
         model.set_attn_implementation(IMPLEMENTATION)
         # transformers only warns when a model cannot switch; a silent no-op would drop the delta.
         if model.get_decoder().config._attn_implementation != IMPLEMENTATION:
-            raise RuntimeError(f"model: {type(model).__name__} did not switch to attn_implementation={IMPLEMENTATION!r}")
+            raise RuntimeError(
+                f"model: {type(model).__name__} did not switch to attn_implementation={IMPLEMENTATION!r}"
+            )
         for i in context.layers:
             setattr(modules[i], _CONTEXT_ATTR, context)
         yield context
