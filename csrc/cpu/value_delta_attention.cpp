@@ -69,6 +69,9 @@ constexpr int64_t kPartialBudget = int64_t(1) << 24;  // floats of chunk partial
 
 // Sixteen fp32 lanes (GCC/Clang vector extension): one AVX-512 register, two AVX2 or
 // four SSE ones. Lane l of a dot product accumulates the elements d = l (mod 16).
+// The helpers that pass them by value are inlined into the cloned kernels, so GCC's
+// note that such an argument's ABI depends on -mavx512f does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float Lanes __attribute__((vector_size(64)));
 typedef float HalfLanes __attribute__((vector_size(32)));
 typedef float QuarterLanes __attribute__((vector_size(16)));
@@ -177,6 +180,39 @@ VREASON_VDA_CLONES void modulate_row(float* __restrict v, const float* __restric
   for (int64_t d = 0; d < dim; ++d) v[d] *= g;
   *gain = g;
   *proj = (unorm >= kEps && vnorm2 > 0.f) ? 1.f / vnorm2 : 0.f;
+}
+
+typedef int32_t IntLanes __attribute__((vector_size(64)));
+
+// x_j <- e^{x_j - shift} for j < n, returning their sum (fixed order). Cephes' expf:
+// e^z = 2^k e^r with k = round(z / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial
+// for e^r (about 1 ulp); z below ln(FLT_MIN) gives exactly 0, so masked (-inf)
+// scores drop out. Vectorised because one exp per score cost as much as the products.
+VREASON_VDA_CLONES float exp_shifted(float* x, int64_t n, float shift) {
+  constexpr float kMinArg = -87.33654f, kMaxArg = 88.37626f;
+  Lanes total = {};
+  for_lanes(n, [&](int64_t j, int64_t m) {
+    Lanes z;
+    for (int64_t l = 0; l < kLanes; ++l) z[l] = l < m ? x[j + l] - shift : kNegInf;  // tail lanes give 0
+    const Lanes zc = z < kMinArg ? kMinArg : (z > kMaxArg ? kMaxArg : z);
+    // Round to nearest by the 1.5 * 2^23 trick (no -ffast-math here, so it survives).
+    const Lanes k = (zc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    const Lanes r = (zc - k * 0.693359375f) - k * -2.12194440e-4f;
+    Lanes poly = Lanes{} + 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * r * r + r + 1.f;
+    const IntLanes bits = (__builtin_convertvector(k, IntLanes) + 127) << 23;
+    Lanes pow2k;
+    std::memcpy(&pow2k, &bits, sizeof pow2k);
+    const Lanes e = z < kMinArg ? 0.f : poly * pow2k;
+    total += e;
+    std::memcpy(x + j, &e, m * sizeof(float));
+  });
+  return sum_lanes(total);
 }
 
 // ---------------------------------------------------------------- problem layout
@@ -301,12 +337,7 @@ void forward_task(const Layout& L, const float* q32, const scalar_t* key, const 
         for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= a;
         m[r] = m_new;
       }
-      float sum = 0.f;
-      for (int64_t j = 0; j < nb; ++j) {
-        sr[j] = std::exp(sr[j] - m_new);
-        sum += sr[j];
-      }
-      l[r] += sum;
+      l[r] += exp_shifted(sr, nb, m_new);
     }
     int64_t ldv;
     const float* v = modulated_tile(L, value, delta, span_index, b, g, n0, nb, w, &ldv);
@@ -339,7 +370,11 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kBlock;
       const float lr = lse[row0 + r];
-      for (int64_t j = 0; j < nb; ++j) pr[j] = lr == kNegInf ? 0.f : std::exp(pr[j] - lr);  // hidden row: p = 0
+      if (lr == kNegInf) {  // a row that sees no key: p = 0
+        std::fill(pr, pr + nb, 0.f);
+      } else {
+        exp_shifted(pr, nb, lr);
+      }
     }
     int64_t ldv;
     const float* v = modulated_tile(L, value, delta, span_index, b, g, n0, nb, w, &ldv);
