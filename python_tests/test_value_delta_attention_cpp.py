@@ -87,6 +87,7 @@ def check_against_reference(q, k, v, delta, span, *, mask=None, causal=True, sca
         (2, 7, 1, 1, 64, torch.float32),  # GQA 7:1 decode
         (1, 8, 1, 3, 80, torch.bfloat16),  # GQA 8:1, three queries
         (1, 14, 2, 3, 128, torch.float16),
+        (1, 4, 2, 2, 72, torch.float32),  # D not a multiple of the 16 vector lanes
         (1, 8, 1, 40, 64, torch.float32),  # prefill-sized T, causal over the last 40 keys
     ],
 )
