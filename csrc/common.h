@@ -2,10 +2,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+
+// The build passes no -march flag, so hot loops are compiled for several ISAs and the
+// loader picks the best one the CPU supports (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VREASON_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VREASON_SIMD_CLONES
+#endif
+
+// The dtypes the fused CPU kernels take (float64 goes to the torch backend).
+#define VREASON_FLOAT_CASES(...)              \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
 
 namespace vreason {
 

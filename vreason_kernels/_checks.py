@@ -32,3 +32,31 @@ def check_same(attr: str, reference: str, ref: torch.Tensor, others: Sequence[tu
     for name, t in others:
         if t is not None and getattr(t, attr) != want:
             raise ValueError(f"{name} must have the same {attr} as {reference} ({want}), got {getattr(t, attr)}")
+
+
+def check_positions(name: str, positions: object) -> torch.Tensor:
+    """``positions`` must be a 1-D int32/int64 tensor (a span of sequence positions)."""
+    check_tensor(name, positions, ndim=1, floating=False)
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor of positions, got {positions.dtype}")
+    return positions
+
+
+def check_positions_values(name: str, positions: torch.Tensor, n: int, bound: str = "N") -> None:
+    """The values of ``positions`` must be sorted, unique and in ``[0, n)``.
+
+    On CPU a violation raises ``ValueError``. On CUDA the checks run on the device
+    (``torch._assert_async``), since reading them back would cost a host sync on every
+    decode step; a violation then fails as a device-side assertion.
+    """
+    if positions.numel() == 0:
+        return
+    in_range = (positions.min() >= 0) & (positions.max() < n)
+    increasing = (positions[1:] > positions[:-1]).all()
+    if positions.is_cuda:
+        torch._assert_async(in_range & increasing, f"{name} must be sorted unique positions in [0, {bound})")
+    elif not bool(in_range):
+        lo, hi = int(positions.min()), int(positions.max())
+        raise ValueError(f"{name} positions must lie in [0, {bound}) = [0, {n}), got values in [{lo}, {hi}]")
+    elif not bool(increasing):
+        raise ValueError(f"{name} must be sorted in increasing order with unique positions")

@@ -45,20 +45,6 @@
 
 #include "common.h"
 
-// The build passes no -march flag, so the hot loops are compiled for several ISAs and
-// the loader picks the best one the CPU supports (GCC function multiversioning).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VREASON_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VREASON_SIMD_CLONES
-#endif
-
-// The dtypes the kernels take (float64 goes to the torch backend in op.py).
-#define VREASON_LE_CASES(...)                   \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
-
 namespace vreason {
 namespace {
 
@@ -482,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_en
   at::Tensor logits = new_output(return_logits ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, hidden.options());
   if (rows == 0) return {entropy, dh, lse, mu, logits};
   const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
-  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_LE_CASES([&] {
+  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
     forward_impl(p, need_grad, entropy.data_ptr<float>(), need_grad ? dh.data_ptr<float>() : nullptr,
                  lse.data_ptr<float>(), mu.data_ptr<float>());
@@ -554,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& 
     return {gw, gb};
   }
   const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
-  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_LE_CASES([&] {
+  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
     const int64_t chunks = (vocab + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {

@@ -48,14 +48,6 @@
 
 #include "common.h"
 
-// The build passes no -march flag, so the tile kernels are compiled for several ISAs
-// and the loader picks the best one the CPU supports (GCC function multiversioning).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VREASON_VDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VREASON_VDA_CLONES
-#endif
-
 namespace vreason {
 namespace {
 
@@ -105,7 +97,7 @@ inline void for_lanes(int64_t dim, Step step) {
 // s[r * lds + j] = a_r . x_j for `rows` rows of a (row stride dim) and nx rows of x
 // (row stride ldx). Four x rows per a row: one load of a_r feeds four independent FMA
 // chains (a single chain is latency-bound), whatever the number of rows.
-VREASON_VDA_CLONES void dot_tile(const float* __restrict a, int64_t rows, const float* __restrict x, int64_t ldx,
+VREASON_SIMD_CLONES void dot_tile(const float* __restrict a, int64_t rows, const float* __restrict x, int64_t ldx,
                                  int64_t nx, int64_t dim, float* __restrict s, int64_t lds) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* ar = a + r * dim;
@@ -138,7 +130,7 @@ VREASON_VDA_CLONES void dot_tile(const float* __restrict a, int64_t rows, const 
 // out_r += sum_j c[r * cs_r + j * cs_j] x_j, j ascending, for `rows` rows of out (row
 // stride dim) and nx rows of x (row stride ldx). The two coefficient strides let the
 // same kernel take P (acc += P V', dQ += dS K) and P^T (g = P^T dO).
-VREASON_VDA_CLONES void accumulate_tile(float* __restrict out, int64_t rows, const float* __restrict c, int64_t cs_r,
+VREASON_SIMD_CLONES void accumulate_tile(float* __restrict out, int64_t rows, const float* __restrict c, int64_t cs_r,
                                         int64_t cs_j, const float* __restrict x, int64_t ldx, int64_t nx,
                                         int64_t dim) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -166,7 +158,7 @@ VREASON_VDA_CLONES void accumulate_tile(float* __restrict out, int64_t rows, con
 // In place, v -> v' = u gain with u = v + dv, gain = ||v|| / max(||u||, eps); also
 // proj = 1 / ||v||^2 where the projection of the backward applies (||u|| >= eps and
 // v != 0), else 0.
-VREASON_VDA_CLONES void modulate_row(float* __restrict v, const float* __restrict dv, int64_t dim, float* gain,
+VREASON_SIMD_CLONES void modulate_row(float* __restrict v, const float* __restrict dv, int64_t dim, float* gain,
                                      float* proj) {
   Lanes vv = {}, uu = {};
   for_lanes(dim, [&](int64_t d, int64_t n) {
@@ -188,7 +180,7 @@ typedef int32_t IntLanes __attribute__((vector_size(64)));
 // e^z = 2^k e^r with k = round(z / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial
 // for e^r (about 1 ulp); z below ln(FLT_MIN) gives exactly 0, so masked (-inf)
 // scores drop out. Vectorised because one exp per score cost as much as the products.
-VREASON_VDA_CLONES float exp_shifted(float* x, int64_t n, float shift) {
+VREASON_SIMD_CLONES float exp_shifted(float* x, int64_t n, float shift) {
   constexpr float kMinArg = -87.33654f, kMaxArg = 88.37626f;
   Lanes total = {};
   for_lanes(n, [&](int64_t j, int64_t m) {
@@ -513,10 +505,6 @@ Inputs prepare(Layout& L, const at::Tensor& query, const at::Tensor& key, const 
   return in;
 }
 
-#define VREASON_VDA_CASES(...)              \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
 
 // ---------------------------------------------------------------- ops
 
@@ -533,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& q
   const int64_t R = L.rows, D = L.D, tasks = L.B * L.Hkv * L.nchunk;
   // Partials of task i = (b * Hkv + g) * nchunk + c.
   std::vector<float> part_m(tasks * R), part_l(tasks * R), part_acc(tasks * R * D);
-  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_fwd", VREASON_VDA_CASES([&] {
+  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_fwd", VREASON_FLOAT_CASES([&] {
     const scalar_t* k = in.key.data_ptr<scalar_t>();
     const scalar_t* v = in.value.data_ptr<scalar_t>();
     const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;
@@ -613,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
   at::Tensor grad_delta = delta_v.has_value() ? new_output({L.B, L.Hkv, L.S, D}, query.options().dtype(at::kFloat))
                                               : new_output({0}, query.options().dtype(at::kFloat));
   std::vector<float> part_dq(tasks * R * D);
-  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_VDA_CASES([&] {
+  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_FLOAT_CASES([&] {
     const scalar_t* k = in.key.data_ptr<scalar_t>();
     const scalar_t* v = in.value.data_ptr<scalar_t>();
     const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from vreason_kernels._checks import check_positions, check_positions_values
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import check_sampling_args
 
@@ -156,16 +157,8 @@ def prefill_position_ids(model, request: DecodeRequest) -> torch.Tensor:
 
 def check_span(span, prompt_len: int, device) -> torch.Tensor:
     """A user span: 1-D integer positions, sorted, unique, in ``[0, prompt_len)``."""
-    if not isinstance(span, torch.Tensor):
-        raise TypeError(f"span must be a torch.Tensor of positions, got {type(span).__name__}")
-    if span.dim() != 1 or span.dtype.is_floating_point or span.dtype == torch.bool:
-        raise ValueError(f"span must be a 1-D integer tensor [S], got shape {tuple(span.shape)} dtype {span.dtype}")
-    span = span.to(device=device, dtype=torch.long)
-    if span.numel():
-        if int(span.min()) < 0 or int(span.max()) >= prompt_len:
-            raise ValueError(f"span positions must lie in [0, {prompt_len}) (the prompt), got [{int(span.min())}, {int(span.max())}]")
-        if not bool((span[1:] > span[:-1]).all()):
-            raise ValueError("span must be sorted with unique positions")
+    span = check_positions("span", span).to(device=device, dtype=torch.long)
+    check_positions_values("span", span, prompt_len, bound="prompt length")
     return span
 
 

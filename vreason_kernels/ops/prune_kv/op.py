@@ -16,7 +16,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_same, check_tensor
+from vreason_kernels._checks import check_positions, check_positions_values, check_same, check_tensor
 
 # keep_ratio * S is rounded up; the tolerance stops float error (0.3 * 10 = 3.0000000000000004)
 # from keeping one row more than the ratio means.
@@ -24,15 +24,7 @@ _CEIL_TOL = 1e-9
 
 
 def _check_span(span: object, n: int) -> Tensor:
-    check_tensor("span", span, ndim=1, floating=False)
-    if span.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"span must be an int32/int64 tensor of positions, got {span.dtype}")
-    if span.numel():
-        lo, hi = int(span.min()), int(span.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"span positions must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
-        if not bool((span[1:] > span[:-1]).all()):
-            raise ValueError("span must be sorted in increasing order with unique positions")
+    check_positions_values("span", check_positions("span", span), n)
     return span.long()
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_same, check_tensor
+from vreason_kernels._checks import check_positions, check_positions_values, check_same, check_tensor
 from vreason_kernels.backend import resolve_backend
 from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
 
@@ -36,21 +36,9 @@ def _span_index(span: Tensor, n: int) -> Tensor:
     """int32 [N]: row of ``delta_v`` at each span position, -1 elsewhere.
 
     A custom op so that the data-dependent checks of ``span`` run eagerly, also under
-    ``torch.compile`` (traced code cannot branch on tensor values). On CPU a bad span
-    raises ``ValueError``. On CUDA the same checks run on the device
-    (``torch._assert_async``), because reading the result back would cost a host sync on
-    every decode step; a bad span then fails as a device-side assertion.
+    ``torch.compile`` (traced code cannot branch on tensor values).
     """
-    if span.numel():
-        in_range = (span.min() >= 0) & (span.max() < n)
-        increasing = (span[1:] > span[:-1]).all()
-        if span.is_cuda:
-            torch._assert_async(in_range & increasing, "span must be sorted unique positions in [0, N)")
-        elif not bool(in_range):
-            lo, hi = int(span.min()), int(span.max())
-            raise ValueError(f"span positions must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
-        elif not bool(increasing):
-            raise ValueError("span must be sorted in increasing order with unique positions")
+    check_positions_values("span", span, n)
     index = torch.full((n,), -1, dtype=torch.int32, device=span.device)
     index[span.long()] = torch.arange(span.numel(), dtype=torch.int32, device=span.device)
     return index
@@ -157,9 +145,7 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale) -> None
         if span is None:
             raise ValueError("span is required when delta_v is given")
     if span is not None:
-        check_tensor("span", span, ndim=1, floating=False)
-        if span.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"span must be an int32/int64 tensor of positions, got {span.dtype}")
+        check_positions("span", span)
         if delta_v is not None and delta_v.shape != (b, hkv, span.shape[0], d):
             raise ValueError(
                 f"delta_v must have shape [B, Hkv, S, D] = {[b, hkv, span.shape[0], d]}, got {tuple(delta_v.shape)}"
