@@ -23,17 +23,8 @@ import torch
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV
-from vreason_kernels.engine.decode import (
-    Recorder,
-    check_request,
-    lite_prune,
-    model_parts,
-    prefill_position_ids,
-    restored_model,
-    warn_empty_span,
-    warn_nan_resets,
-)
-from vreason_kernels.engine.loop import is_update_step, resolve_config, resolve_span
+from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
+from vreason_kernels.engine.loop import is_update_step
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.ops.value_delta_attention.naive import modulate_rows
@@ -58,20 +49,13 @@ def generate(
     **model_inputs,
 ) -> VReasonOutput:
     """Same signature, arguments and output as :func:`vreason_kernels.generate`."""
-    config = resolve_config(config)
-    parts = model_parts(model)
-    request = check_request(
-        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+    run = prepare_run(
+        model, input_ids, config, span, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
         model_inputs=model_inputs,
     )
-    layer = config.layer_index(len(parts.layers))
-    if config.enabled:
-        span = resolve_span(model, span, request.input_ids)
-        if span.numel() == 0:
-            warn_empty_span()
-    enabled = config.enabled and span.numel() > 0
-    recorder = Recorder(request)
+    config, request, layer, recorder = run.config, run.request, run.layer, run.recorder
+    span, enabled = run.span, run.enabled
     if request.max_new_tokens == 0:
         return recorder.output(updates=0, nan_resets=0, span_size=int(span.numel()) if enabled else 0)
 

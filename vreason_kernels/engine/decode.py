@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from vreason_kernels._checks import check_positions, check_positions_values
+from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import check_sampling_args
 
@@ -255,3 +256,48 @@ class Recorder:
         }
         sequences = torch.cat([self.request.input_ids, self.tokens[:, :keep]], dim=1)
         return VReasonOutput(sequences=sequences, stats=stats, **traces)
+
+
+def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
+    if config is None:
+        return VReasonConfig(enabled=False)
+    if not isinstance(config, VReasonConfig):
+        raise TypeError(f"config must be a VReasonConfig or None, got {type(config).__name__}")
+    return config
+
+
+def resolve_span(model, span, input_ids) -> torch.Tensor:
+    """The user's span (checked), else video tokens, else image tokens, else the prompt."""
+    if span is not None:
+        return check_span(span, input_ids.shape[1], input_ids.device)
+    from vreason_kernels.integrations.transformers import default_span
+
+    return default_span(model.config, input_ids).to(device=input_ids.device, dtype=torch.long)
+
+
+@dataclass
+class Run:
+    """Everything a decode loop needs, checked once up front."""
+
+    config: VReasonConfig
+    parts: ModelParts
+    request: DecodeRequest
+    layer: int
+    span: Optional[torch.Tensor]
+    enabled: bool  # False for plain decoding, also when the span is empty
+    recorder: Recorder
+
+
+def prepare_run(model, input_ids, config, span, **request_args) -> Run:
+    """Validate a ``generate`` call (shared by the engine and the naive reference)."""
+    config = resolve_config(config)
+    parts = model_parts(model)
+    request = check_request(model, input_ids, **request_args)
+    layer = config.layer_index(len(parts.layers))
+    enabled = config.enabled
+    if enabled:
+        span = resolve_span(model, span, request.input_ids)
+        if span.numel() == 0:
+            warn_empty_span()
+            enabled = False
+    return Run(config, parts, request, layer, span, enabled, Recorder(request))

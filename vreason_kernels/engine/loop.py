@@ -26,17 +26,7 @@ import torch
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
-from vreason_kernels.engine.decode import (
-    Recorder,
-    check_request,
-    check_span,
-    lite_prune,
-    model_parts,
-    prefill_position_ids,
-    restored_model,
-    warn_empty_span,
-    warn_nan_resets,
-)
+from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.ops.linear_entropy import linear_entropy
@@ -47,23 +37,6 @@ __all__ = ["generate", "is_update_step"]
 def is_update_step(k: int, every: int) -> bool:
     """Whether token ``k`` (1-based) triggers an update: decode forward ``k - 1`` is a multiple of ``every``."""
     return k > 1 and (k - 1) % every == 0
-
-
-def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
-    if config is None:
-        return VReasonConfig(enabled=False)
-    if not isinstance(config, VReasonConfig):
-        raise TypeError(f"config must be a VReasonConfig or None, got {type(config).__name__}")
-    return config
-
-
-def resolve_span(model, span, input_ids) -> torch.Tensor:
-    """The user's span (checked), else video tokens, else image tokens, else the prompt."""
-    if span is not None:
-        return check_span(span, input_ids.shape[1], input_ids.device)
-    from vreason_kernels.integrations.transformers import default_span
-
-    return default_span(model.config, input_ids).to(device=input_ids.device, dtype=torch.long)
 
 
 def generate(
@@ -110,31 +83,22 @@ def generate(
     Returns:
         :class:`VReasonOutput` with ``sequences`` and ``[B, new]`` traces.
     """
-    config = resolve_config(config)
-    parts = model_parts(model)
-    request = check_request(
-        model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+    run = prepare_run(
+        model, input_ids, config, span, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
         model_inputs=model_inputs,
     )
-    layer = config.layer_index(len(parts.layers))
-    enabled = config.enabled
-    if enabled:
-        span = resolve_span(model, span, request.input_ids)
-        if span.numel() == 0:
-            warn_empty_span()
-            enabled = False
-    recorder = Recorder(request)
+    config, parts, request, layer, recorder = run.config, run.parts, run.request, run.layer, run.recorder
     if request.max_new_tokens == 0:
-        return recorder.output(updates=0, nan_resets=0, span_size=int(span.numel()) if enabled else 0)
+        return recorder.output(updates=0, nan_resets=0, span_size=int(run.span.numel()) if run.enabled else 0)
     with ExitStack() as stack:
         stack.enter_context(restored_model(model))
         stack.enter_context(torch.no_grad())
         context = rerun = None
-        if enabled:
+        if run.enabled:
             from vreason_kernels.integrations.transformers import ValueDeltaContext, vreason_attention
 
-            context = ValueDeltaContext(layers=(layer,), span=span, backend=config.backend)
+            context = ValueDeltaContext(layers=(layer,), span=run.span, backend=config.backend)
             stack.enter_context(vreason_attention(model, context))
             rerun = LayerRerun(parts.layers, layer)
             stack.callback(rerun.remove)
