@@ -31,6 +31,16 @@ def _build(model_cls, config, seed: int, attn_implementation: str):
         model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
+# Text-model sizes shared by both tiny models: GQA 3:1, odd vocabulary.
+_TEXT_SIZES = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=48,
+    intermediate_size=88,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+)
+
 
 def tiny_llama(*, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
     """A random ``LlamaForCausalLM``: 3 layers, hidden 48, 6 query / 2 kv heads (head_dim 8), vocab 211.
@@ -40,12 +50,7 @@ def tiny_llama(*, seed: int = 0, attn_implementation: str = "sdpa", **overrides)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=88,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
+        **_TEXT_SIZES,
         max_position_embeddings=512,
         initializer_range=_INIT_STD,
         bos_token_id=1,
@@ -67,12 +72,7 @@ def tiny_qwen2_5_vl(*, seed: int = 0, attn_implementation: str = "sdpa", **text_
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=88,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
+        **_TEXT_SIZES,
         max_position_embeddings=1024,
         initializer_range=_INIT_STD,
         # mrope_section splits head_dim / 2 rotary frequencies into (time, height, width).

@@ -7,6 +7,7 @@
 - ``"torch"``: the pure-PyTorch reference, the spec the fused paths must match.
 """
 
+import importlib
 import os
 
 import torch
@@ -39,3 +40,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors only, got {device.type} tensors")
     return backend
+
+
+# Every op package names its backends alike: naive.py is the torch reference.
+_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
+
+
+def backend_module(op_package: str, backend: str):
+    """The module implementing ``backend`` for the op package ``op_package``.
+
+    Imported lazily: the package must import without triton or the extension.
+    """
+    return importlib.import_module(f"{op_package}.{_BACKEND_MODULES[backend]}")
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels accumulate in float32; the float64 reference stays in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -6,7 +6,6 @@ scales it by ``grad_output``. ``dW``/``db`` take a second pass over the weight, 
 only when the weight or bias requires grad.
 """
 
-import importlib
 import math
 from typing import Optional
 
@@ -14,18 +13,10 @@ import torch
 from torch import Tensor
 
 from vreason_kernels._checks import check_same, check_tensor
-from vreason_kernels.backend import resolve_backend
-
-_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
-
+from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 
 def _backend_impl(backend: str):
-    # Imported lazily: the package must import without triton or the extension.
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return backend_module(__package__, backend)
 
 
 @torch.library.custom_op("vreason::linear_entropy_fwd", mutates_args=())
@@ -44,7 +35,7 @@ def _linear_entropy_fwd(
 @_linear_entropy_fwd.register_fake
 def _(hidden, weight, bias, temperature, need_grad, return_logits, backend):
     rows, dim = hidden.shape
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulator_dtype(hidden.dtype)
     row_stat = hidden.new_empty(rows, dtype=acc)
     return (
         row_stat,
@@ -72,7 +63,7 @@ def _linear_entropy_weight_grad(
 
 @_linear_entropy_weight_grad.register_fake
 def _(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias, backend):
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulator_dtype(hidden.dtype)
     return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape[0] if need_bias else 0, dtype=acc)
 
 

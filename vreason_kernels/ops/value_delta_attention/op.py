@@ -8,7 +8,6 @@ flash-attention, and the gradient of ``delta_v`` is chained through §2.2 inside
 backend (DESIGN.md §2.3).
 """
 
-import importlib
 import math
 from typing import Optional
 
@@ -16,19 +15,11 @@ import torch
 from torch import Tensor
 
 from vreason_kernels._checks import check_positions, check_positions_values, check_same, check_tensor
-from vreason_kernels.backend import resolve_backend
+from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
 
-_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
-
-
 def _backend_impl(backend: str):
-    # Imported lazily: the package must import without triton or the extension.
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[backend]}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return backend_module(__package__, backend)
 
 
 @torch.library.custom_op("vreason::value_delta_span_index", mutates_args=())
@@ -66,7 +57,7 @@ def _attention_fwd(
 
 @_attention_fwd.register_fake
 def _(query, key, value, delta_v, span_index, attn_bias, scale, causal, backend):
-    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=_acc_dtype(query.dtype))
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=accumulator_dtype(query.dtype))
 
 
 @torch.library.custom_op("vreason::value_delta_attention_bwd", mutates_args=())
@@ -91,7 +82,7 @@ def _attention_bwd(
 
 @_attention_bwd.register_fake
 def _(grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse, backend):
-    acc = _acc_dtype(query.dtype)
+    acc = accumulator_dtype(query.dtype)
     grad_delta = query.new_empty(0, dtype=acc) if delta_v is None else delta_v.new_empty(delta_v.shape, dtype=acc)
     return query.new_empty(query.shape, dtype=acc), grad_delta
 
@@ -224,7 +215,7 @@ def value_delta_attention(
         span_index = torch.full((n,), -1, dtype=torch.int32, device=query.device)
     else:
         span_index = _span_index(span, n)
-    attn_bias = mask_to_bias(attention_mask, _acc_dtype(query.dtype))
+    attn_bias = mask_to_bias(attention_mask, accumulator_dtype(query.dtype))
     if attn_bias is not None:
         attn_bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + attn_bias.shape).expand(b, hq, t, n)
     scale = float(d**-0.5 if scale is None else scale)
