@@ -9,6 +9,7 @@
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -148,16 +149,22 @@ def kl_to_uniform_loss(entropy: torch.Tensor, alpha: torch.Tensor, vocab_size: i
     return (alpha * (math.log(vocab_size) - entropy)).sum()
 
 
-def fused_update(config: VReasonConfig, delta: DeltaV, rerun: LayerRerun, context, cache, parts, alpha) -> None:
+def fused_update(config: VReasonConfig, delta: DeltaV, rerun: LayerRerun, context, cache, parts, alpha,
+                 entropy: Optional[torch.Tensor] = None) -> None:
     """``config.steps`` optimizer steps on ``ΔV`` for the current token (grad only through
-    the re-run layers, the final norm and the fused entropy)."""
+    the controlled layer onwards, the final norm and the fused entropy).
+
+    ``entropy``: ``H_k`` already differentiable in ``ΔV`` (the token's forward built the
+    graph), which spares the first step its re-run; ``None`` re-runs for every step.
+    """
     layer = rerun.first
     try:
-        for _ in range(config.steps):
+        for step in range(config.steps):
             with torch.enable_grad():
-                context.delta_v[layer] = delta.delta.to(cache.layers[layer].values.dtype)
-                hidden = rerun.forward(context, cache, parts.norm)
-                entropy = linear_entropy(hidden, parts.head_weight, parts.head_bias, backend=config.backend)
+                if step > 0 or entropy is None:
+                    context.delta_v[layer] = delta.delta.to(cache.layers[layer].values.dtype)
+                    hidden = rerun.forward(context, cache, parts.norm)
+                    entropy = linear_entropy(hidden, parts.head_weight, parts.head_bias, backend=config.backend)
                 loss = kl_to_uniform_loss(entropy, alpha, parts.vocab_size)
             delta.step(loss)
     finally:

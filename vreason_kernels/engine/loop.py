@@ -9,8 +9,11 @@ Per decode step ``k`` (token ``k`` of the answer):
    hidden state and the LM-head weight.
 3. EMA, peak and ``α_k`` are updated on device.
 4. On update steps, ``config.steps`` optimizer steps on ``ΔV`` with the loss
-   ``α_k (log|V| - H_k)``; the gradient flows only through a re-run of the controlled
-   layer for the current token, the final norm and the fused entropy.
+   ``α_k (log|V| - H_k)``; the gradient flows only through the controlled layer for the
+   current token, the final norm and the fused entropy. When the controlled layer is the
+   last one (the default), the forward of step 1 runs under autograd from ``ΔV``, so the
+   single fused pass of step 2 already yields ``dH/dh`` and the first optimizer step
+   needs no re-run; further steps (and other layers) re-run the layer against the cache.
 5. Token ``k`` is chosen from the logits of step 2, i.e. BEFORE the update: the update
    acts from token ``k + 1`` on. This keeps one model forward per token, and ``H_k`` is
    the entropy of the distribution token ``k`` was actually drawn from.
@@ -125,25 +128,34 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
     switch = EntropySwitch(config.ema_beta)
     zeros = torch.zeros(request.batch, device=mask.device)
     updates = 0
+    last_layer = layer == len(parts.layers) - 1
     for k in range(1, request.max_new_tokens + 1):
-        if k > 1:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[..., -1:] + 1
-            out = parts.base(
-                input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True,
+        update = delta is not None and is_update_step(k, config.every)
+        # With the last layer controlled, only it and the final norm depend on ΔV, so the
+        # token's own forward can build the graph from ΔV: one fused pass over the LM head
+        # then gives H_k, the logits and dH/dh together (no re-run, no second read of W).
+        in_graph = update and last_layer
+        with torch.set_grad_enabled(in_graph):
+            if in_graph:
+                context.delta_v[layer] = delta.delta.to(cache.layers[layer].values.dtype)
+            if k > 1:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[..., -1:] + 1
+                out = parts.base(
+                    input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True,
+                )
+                hidden = out.last_hidden_state[:, -1]
+            entropy, logits = linear_entropy(
+                hidden, parts.head_weight, parts.head_bias, return_logits=True, backend=config.backend
             )
-            hidden = out.last_hidden_state[:, -1]
-        entropy, logits = linear_entropy(
-            hidden, parts.head_weight, parts.head_bias, return_logits=True, backend=config.backend
-        )
         ema, alpha = switch.observe(entropy)
-        if delta is not None and is_update_step(k, config.every):
-            fused_update(config, delta, rerun, context, cache, parts, alpha)
+        if update:
+            fused_update(config, delta, rerun, context, cache, parts, alpha, entropy if in_graph else None)
             updates += 1
-        token = select_next_token(logits, **request.sampling)
+        token = select_next_token(logits.detach(), **request.sampling)
         token = recorder.record(
-            k - 1, token, entropy=entropy, entropy_ema=ema, alpha=alpha,
+            k - 1, token, entropy=entropy.detach(), entropy_ema=ema, alpha=alpha,
             delta_norm=delta.norms() if delta is not None else zeros,
         )
         if recorder.all_finished(k - 1):
