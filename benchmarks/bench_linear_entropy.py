@@ -300,11 +300,13 @@ def main():
         rows, notes = bench_gpu(cases, args.dtype, args.bandwidth)
         notes.append(f"floor: one read of W at {args.bandwidth / 1e12:.2f} TB/s; times from triton.testing.do_bench")
     else:
+        load_before = os.getloadavg()[0]
         rows = bench_cpu(cases, args.dtype)
         notes = [
             "time: median of time.perf_counter repetitions (column reps; T=4096 runs once, no warm-up)",
             "peak_mb: RSS high-water mark (VmHWM, reset after setup) minus RSS before the timed calls, one subprocess per backend",
-            "other processes shared the 2 cores during the run: expect noise of tens of percent",
+            f"1-minute load average before / after the run: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+            "(includes the benchmark's own threads; above ~2.5 on 2 cores, other work shared them)",
         ]
     tag = "_quick" if args.quick else "_T" + "-".join(map(str, tokens)) if args.tokens else ""
     write_results(rows, environment(device), args.dtype, device, notes, tag)
