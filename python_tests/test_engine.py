@@ -277,3 +277,48 @@ def test_lite_pruning_matches_reference_qwen2_5_vl(qwen_vl):
     video = int((ids[0] == model.config.video_token_id).sum())
     assert fused.stats["span_size"] == -(-video // 2)
     assert_same_run(fused, naive)
+
+
+def test_last_layer_update_reuses_the_token_forward(llama, monkeypatch):
+    """With the last layer controlled and steps=1, an update needs no layer re-run (the
+    token's own forward carries the graph from ΔV, so one LM-head pass gives dH/dh);
+    each further step re-runs the layer once."""
+    from vreason_kernels.engine.controller import LayerRerun
+
+    reruns = []
+    original = LayerRerun.forward
+    monkeypatch.setattr(LayerRerun, "forward", lambda self, *a, **k: reruns.append(1) or original(self, *a, **k))
+    ids = _prompt(331, 9, seed=5)
+    one_step = vk.generate(llama, ids, config=vk.VReasonConfig(steps=1), max_new_tokens=8)
+    assert one_step.stats["updates"] == 7 and reruns == []
+    two_steps = vk.generate(llama, ids, config=vk.VReasonConfig(steps=2), max_new_tokens=8)
+    assert len(reruns) == two_steps.stats["updates"] == 7
+
+
+def _host_syncs(run) -> int:
+    """Host-device synchronisations during ``run()``, counted via CUDA sync debug warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync check needs CUDA")
+def test_decode_loop_has_no_per_token_host_sync(llama):
+    """Syncs do not grow with the number of tokens: 8 more tokens add only the one EOS
+    check that falls between them (set-up and output syncs happen once per call)."""
+    model = llama.cuda()
+    try:
+        ids = _prompt(331, 9, seed=6).cuda()
+
+        def decode(n):
+            return lambda: vk.generate(model, ids, config=vk.VReasonConfig(), max_new_tokens=n)
+
+        decode(4)()  # warm-up: lazy initialisation and kernel compilation sync
+        assert _host_syncs(decode(15)) - _host_syncs(decode(7)) <= 1
+    finally:
+        llama.cpu()

@@ -31,6 +31,8 @@ def _config(args):
 
 
 def demo(args) -> int:
+    if not 1 <= args.questions <= len(DEMO_QUESTIONS):
+        raise ValueError(f"--questions must be in [1, {len(DEMO_QUESTIONS)}], got {args.questions}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,11 +92,11 @@ def generate_cmd(args) -> int:
     import vreason_kernels as vk
     from vreason_kernels.models import load_causal_lm
 
+    video = None if args.video is None else Path(args.video)
+    if video is not None and not video.is_file():  # before the (slow) model load
+        raise FileNotFoundError(f"--video: no such file: {video}")
     model, proc = load_causal_lm(args.model)
-    if args.video is not None:
-        video = Path(args.video)
-        if not video.is_file():
-            raise FileNotFoundError(f"--video: no such file: {video}")
+    if video is not None:
         if not hasattr(proc, "video_processor"):
             raise ValueError(f"--video: {args.model} has no video processor (a Qwen2.5-VL checkpoint has one)")
         messages = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": args.prompt}]}]
