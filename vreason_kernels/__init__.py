@@ -4,15 +4,32 @@ Public API (DESIGN.md §3)::
 
     import vreason_kernels as vk
     vk.linear_entropy(hidden, weight, bias=None, *, temperature=1.0, return_logits=False, backend="auto")
+    vk.value_delta_attention(query, key, value, delta_v=None, span=None, *, attention_mask=None,
+                             scale=None, causal=True, backend="auto")
+    vk.prune_kv(key, value, span, keep_ratio)
+    vk.generate(model, input_ids, *, config=vk.VReasonConfig(), ...) -> vk.VReasonOutput
+    vk.reference.generate(...)        # the naive V-Reason decoding, same signature
+
+``import vreason_kernels.integrations`` registers ``attn_implementation="vreason"`` with
+transformers (kept out of this import so that the kernels need no transformers).
 """
 
 from vreason_kernels import _extension  # noqa: F401  (loads the C++ ops, or warns once)
+from vreason_kernels import reference
 from vreason_kernels.backend import BACKENDS
+from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
 from vreason_kernels.ops.linear_entropy import linear_entropy
 from vreason_kernels.ops.prune_kv import prune_kv
 from vreason_kernels.ops.value_delta_attention import value_delta_attention
-from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
-from vreason_kernels import reference  # noqa: E402  (vk.reference: the naive generate)
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "VReasonConfig", "VReasonOutput", "generate", "linear_entropy", "prune_kv", "reference", "value_delta_attention"]
+__all__ = [
+    "BACKENDS",
+    "VReasonConfig",
+    "VReasonOutput",
+    "generate",
+    "linear_entropy",
+    "prune_kv",
+    "reference",
+    "value_delta_attention",
+]
