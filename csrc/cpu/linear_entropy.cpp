@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cpu/row_ops.h"
 
 namespace vreason {
 namespace {
@@ -86,27 +87,6 @@ VREASON_SIMD_CLONES void dot_rows(const float* __restrict h, const float* __rest
 #pragma omp simd reduction(+ : a)
     for (int64_t d = 0; d < dim; ++d) a += h[d] * wj[d];
     out[j] = a;
-  }
-}
-
-// out += sum_i coef[i] * rows_i for n rows (row stride ld), i in ascending order.
-VREASON_SIMD_CLONES void accumulate_rows(float* __restrict out, const float* __restrict coef,
-                                         const float* __restrict rows, int64_t ld, int64_t n, int64_t dim) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const float c0 = coef[i], c1 = coef[i + 1], c2 = coef[i + 2], c3 = coef[i + 3];
-    const float* r0 = rows + i * ld;
-    const float* r1 = r0 + ld;
-    const float* r2 = r1 + ld;
-    const float* r3 = r2 + ld;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] += c0 * r0[d] + c1 * r1[d] + c2 * r2[d] + c3 * r3[d];
-  }
-  for (; i < n; ++i) {
-    const float c = coef[i];
-    const float* r = rows + i * ld;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] += c * r[d];
   }
 }
 
@@ -330,8 +310,8 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
       float* f = ep + (group + g) * tile;
       const bool live = fold_tile(st, sc.z + g * tile, n, p.dim, e, f);
       if (need_grad && live && !p.gemm) {
-        accumulate_rows(a, e, w.ptr, w.ld, n, p.dim);
-        accumulate_rows(b, f, w.ptr, w.ld, n, p.dim);
+        accumulate_rows(a, e, 1, w.ptr, w.ld, n, p.dim);
+        accumulate_rows(b, f, 1, w.ptr, w.ld, n, p.dim);
       }
     }
     if (need_grad && p.gemm) {
@@ -435,8 +415,8 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
           *acc.t += *part.t;
           if (need_grad) {
             const float one = 1.f;
-            accumulate_rows(acc.a, &one, part.a, dim, 1, dim);
-            accumulate_rows(acc.b, &one, part.b, dim, 1, dim);
+            accumulate_rows(acc.a, &one, 1, part.a, dim, 1, dim);
+            accumulate_rows(acc.b, &one, 1, part.b, dim, 1, dim);
           }
         }
         const int64_t r = r0 + g;
@@ -512,7 +492,7 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
       if (p.gemm) {
         as_tensor(gw + j0 * p.dim, n, p.dim, p.dim).addmm_(as_tensor(cp, n, group, group), as_tensor(h, group, p.dim, p.dim));
       } else {
-        for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, h, p.dim, group, p.dim);
+        for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, 1, h, p.dim, group, p.dim);
       }
       if (gb != nullptr)
         for (int64_t j = 0; j < n; ++j)

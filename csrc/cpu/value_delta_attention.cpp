@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/row_ops.h"
 
 namespace vreason {
 namespace {
@@ -130,29 +131,9 @@ VREASON_SIMD_CLONES void dot_tile(const float* __restrict a, int64_t rows, const
 // out_r += sum_j c[r * cs_r + j * cs_j] x_j, j ascending, for `rows` rows of out (row
 // stride dim) and nx rows of x (row stride ldx). The two coefficient strides let the
 // same kernel take P (acc += P V', dQ += dS K) and P^T (g = P^T dO).
-VREASON_SIMD_CLONES void accumulate_tile(float* __restrict out, int64_t rows, const float* __restrict c, int64_t cs_r,
-                                        int64_t cs_j, const float* __restrict x, int64_t ldx, int64_t nx,
-                                        int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * dim;
-    const float* cr = c + r * cs_r;
-    int64_t j = 0;
-    for (; j + 4 <= nx; j += 4) {
-      const float c0 = cr[j * cs_j], c1 = cr[(j + 1) * cs_j], c2 = cr[(j + 2) * cs_j], c3 = cr[(j + 3) * cs_j];
-      const float* x0 = x + j * ldx;
-      const float* x1 = x0 + ldx;
-      const float* x2 = x1 + ldx;
-      const float* x3 = x2 + ldx;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) o[d] += c0 * x0[d] + c1 * x1[d] + c2 * x2[d] + c3 * x3[d];
-    }
-    for (; j < nx; ++j) {
-      const float cj = cr[j * cs_j];
-      const float* xj = x + j * ldx;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) o[d] += cj * xj[d];
-    }
-  }
+void accumulate_tile(float* __restrict out, int64_t rows, const float* __restrict c, int64_t cs_r, int64_t cs_j,
+                     const float* __restrict x, int64_t ldx, int64_t nx, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) accumulate_rows(out + r * dim, c + r * cs_r, cs_j, x, ldx, nx, dim);
 }
 
 // In place, v -> v' = u gain with u = v + dv, gain = ||v|| / max(||u||, eps); also
