@@ -8,6 +8,7 @@ Results to benchmarks/results/generate_{cpu,gpu}.md.
 
 import argparse
 import datetime
+import os
 import statistics
 from pathlib import Path
 
@@ -64,9 +65,13 @@ def main():
         "vk.generate (fused)": lambda: vk.generate(model, ids, config=config, **common),
         "vk.reference.generate (naive)": lambda: vk.reference.generate(model, ids, config=config, **common),
     }
+    load_before = os.getloadavg()[0]
     results = {name: measure(fn, args.repeats) for name, fn in cases.items()}
     plain = results["plain (enabled=False)"][0]
-    device = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads (shared)"
+    device = torch.cuda.get_device_name() if args.gpu else (
+        f"CPU, {torch.get_num_threads()} threads, 1-minute load average {load_before:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after (includes this run's own threads)"
+    )
     lines = [
         f"# generate latency ({'GPU, Qwen2.5-VL-7B-shaped bf16, span ' + str(args.span) if args.gpu else 'CPU, SmolLM2-135M'})",
         "", f"- date {datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}",

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vreason_kernels as vk
 from python_tests.utils import assert_close_to_reference
@@ -120,6 +121,48 @@ def test_frozen_weight_gets_no_grad(backend):
     ref_h = hidden.detach().double().requires_grad_()
     naive.linear_entropy(ref_h, weight.double(), bias.double()).sum().backward()
     assert torch.allclose(hidden.grad.double(), ref_h.grad, atol=1e-5)
+
+
+class _CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products dispatched while active."""
+
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_logits_for_sampling_cost_no_second_pass(backend):
+    """With return_logits=True and a loss on the entropy only (V-Reason's update step), the
+    backward only scales the one-pass dH/dh: no product with the weight for the logits."""
+    hidden, weight, bias = _inputs((3,), 97, 21, torch.float32)
+    hidden.requires_grad_()
+    entropy, _ = vk.linear_entropy(hidden, weight, bias, return_logits=True, backend=backend)
+    with _CountMatmuls() as counter:
+        entropy.sum().backward()
+    assert counter.calls == 0
+    ref_h = hidden.detach().double().requires_grad_()
+    naive.linear_entropy(ref_h, weight.double(), bias.double()).sum().backward()
+    assert torch.allclose(hidden.grad.double(), ref_h.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_logits_only(backend):
+    hidden, weight, bias = _inputs((2,), 41, 13, torch.float32)
+    grad_logits = torch.randn(2, 41, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    _, logits = vk.linear_entropy(*leaves, return_logits=True, backend=backend)
+    (logits.double() * grad_logits).sum().backward()
+    refs = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    (torch.nn.functional.linear(*refs) * grad_logits).sum().backward()
+    for got, ref in zip(leaves, refs):
+        assert torch.allclose(got.grad.double(), ref.grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,27 +72,35 @@ def _setup_context(ctx, inputs, output):
     _, dh, lse, mu, _ = output
     ctx.save_for_backward(hidden, weight, bias, dh, lse, mu)
     ctx.temperature, ctx.return_logits, ctx.backend = temperature, return_logits, backend
+    # Unused outputs then reach the backward as None rather than zeros: logits returned
+    # for sampling only must not cost a second read of W in the backward.
+    ctx.set_materialize_grads(False)
+
+
+def _sum(a: Optional[Tensor], b: Tensor) -> Tensor:
+    return b if a is None else a + b
 
 
 def _backward(ctx, g_entropy, _g_dh, _g_lse, _g_mu, g_logits):
     hidden, weight, bias, dh, lse, mu = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_hidden = grad_weight = grad_bias = None
-    if need_hidden:
-        grad_hidden = g_entropy.to(dh.dtype).unsqueeze(-1) * dh
-    if need_weight or need_bias:
-        grad_weight, grad_bias = _linear_entropy_weight_grad(
-            hidden, weight, bias, ctx.temperature, lse, mu, g_entropy.to(lse.dtype), need_bias, ctx.backend
-        )
-    if ctx.return_logits:
+    if g_entropy is not None:
+        if need_hidden:
+            grad_hidden = g_entropy.to(dh.dtype).unsqueeze(-1) * dh
+        if need_weight or need_bias:
+            grad_weight, grad_bias = _linear_entropy_weight_grad(
+                hidden, weight, bias, ctx.temperature, lse, mu, g_entropy.to(lse.dtype), need_bias, ctx.backend
+            )
+    if g_logits is not None:
         # Returned logits are W h + b, an ordinary linear layer's output.
         g = g_logits.to(lse.dtype)
         if need_hidden:
-            grad_hidden = grad_hidden + g @ weight.to(g.dtype)
+            grad_hidden = _sum(grad_hidden, g @ weight.to(g.dtype))
         if need_weight:
-            grad_weight = grad_weight + g.transpose(0, 1) @ hidden.to(g.dtype)
+            grad_weight = _sum(grad_weight, g.transpose(0, 1) @ hidden.to(g.dtype))
         if need_bias:
-            grad_bias = grad_bias + g.sum(0)
+            grad_bias = _sum(grad_bias, g.sum(0))
     return (
         None if grad_hidden is None else grad_hidden.to(hidden.dtype),
         None if grad_weight is None or not need_weight else grad_weight.to(weight.dtype),
