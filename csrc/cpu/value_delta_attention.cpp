@@ -277,6 +277,17 @@ void mask_scores(const Layout& L, int64_t b, int64_t g, int64_t n0, int64_t nb, 
 
 // ---------------------------------------------------------------- forward
 
+// Masked scores of the group's R query rows against keys n0 .. n0+nb of one tile, into
+// w.s (row stride kBlock); returns the fp32 key tile (row stride *ldk) for the dQ update.
+template <typename scalar_t>
+const float* score_tile(const Layout& L, const float* q, const scalar_t* kbase, int64_t b, int64_t g, int64_t n0,
+                        int64_t nb, Scratch& w, int64_t* ldk) {
+  const float* k = tile_as_float(kbase + n0 * L.k_s[2], L.k_s[2], nb, L.D, w.kbuf.data(), ldk);
+  dot_tile(q, L.rows, k, *ldk, nb, L.D, w.s.data(), kBlock);
+  mask_scores(L, b, g, n0, nb, w.s.data());
+  return k;
+}
+
 // One (b, kv-head g, chunk c) task: online softmax over the chunk's tiles, leaving the
 // partial (m [R], l [R], acc [R, D]) of the chunk.
 template <typename scalar_t>
@@ -293,10 +304,8 @@ void forward_task(const Layout& L, const float* q32, const scalar_t* key, const 
   for (int64_t n0 = c * L.chunk; n0 < end; n0 += kBlock) {
     const int64_t nb = std::min(kBlock, end - n0);
     int64_t ldk;
-    const float* k = tile_as_float(kbase + n0 * L.k_s[2], L.k_s[2], nb, D, w.kbuf.data(), &ldk);
+    score_tile(L, q, kbase, b, g, n0, nb, w, &ldk);
     float* s = w.s.data();
-    dot_tile(q, R, k, ldk, nb, D, s, kBlock);
-    mask_scores(L, b, g, n0, nb, s);
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kBlock;
       const float m_new = std::max(m[r], *std::max_element(sr, sr + nb));
@@ -336,10 +345,8 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
   for (int64_t n0 = c * L.chunk; n0 < end; n0 += kBlock) {
     const int64_t nb = std::min(kBlock, end - n0);
     int64_t ldk;
-    const float* k = tile_as_float(kbase + n0 * L.k_s[2], L.k_s[2], nb, D, w.kbuf.data(), &ldk);
+    const float* k = score_tile(L, q, kbase, b, g, n0, nb, w, &ldk);
     float* p = w.s.data();
-    dot_tile(q, R, k, ldk, nb, D, p, kBlock);
-    mask_scores(L, b, g, n0, nb, p);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kBlock;
       const float lr = lse[row0 + r];
