@@ -1,5 +1,7 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 
+import math
+from numbers import Real
 from typing import Optional, Sequence
 
 import torch
@@ -60,3 +62,37 @@ def check_positions_values(name: str, positions: torch.Tensor, n: int, bound: st
         raise ValueError(f"{name} positions must lie in [0, {bound}) = [0, {n}), got values in [{lo}, {hi}]")
     elif not bool(increasing):
         raise ValueError(f"{name} must be sorted in increasing order with unique positions")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_int(name: str, value: object, low: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """``value`` must be a finite real number (not a bool) in the interval from ``low`` to
+    ``high``; ``*_open`` excludes that end. A missing bound is unbounded."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be finite and in {lo}, {hi}, got {value}")

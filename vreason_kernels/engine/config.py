@@ -1,11 +1,11 @@
 """``VReasonConfig``: the controller's hyper-parameters, validated on construction."""
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
+from vreason_kernels._checks import check_bool, check_int, check_number
 from vreason_kernels.backend import BACKENDS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -55,18 +55,18 @@ class VReasonConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        _check_bool("enabled", self.enabled)
-        _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_int("steps", self.steps, low=1)
-        _check_int("every", self.every, low=1)
-        _check_number("ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
+        check_bool("enabled", self.enabled)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_int("steps", self.steps, low=1)
+        check_int("every", self.every, low=1)
+        check_number("ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
         if not (callable(self.optimizer) or self.optimizer in OPTIMIZERS):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr), got {self.optimizer!r}")
         if self.layer is not None:
-            _check_int("layer", self.layer)
-        _check_number("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_open=True)
+            check_int("layer", self.layer)
+        check_number("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_open=True)
         if self.max_delta_norm is not None:
-            _check_number("max_delta_norm", self.max_delta_norm, low=0.0, low_open=True)
+            check_number("max_delta_norm", self.max_delta_norm, low=0.0, low_open=True)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -85,27 +85,3 @@ class VReasonConfig:
             raise ValueError(f"layer must lie in [-{num_layers}, {num_layers}) for this model, got {self.layer}")
         return layer % num_layers
 
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_int(name, value, low=None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    bad = not math.isfinite(value)
-    bad |= low is not None and (value <= low if low_open else value < low)
-    bad |= high is not None and (value >= high if high_open else value > high)
-    if bad:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be finite and in {interval}, got {value}")

@@ -1,23 +1,17 @@
 """Next-token choice: greedy, or sampling with temperature, min-p and top-p, all on device."""
 
-import math
 from typing import Optional
 
 import torch
 
+from vreason_kernels._checks import check_bool, check_number
+
 
 def check_sampling_args(do_sample, temperature, top_p, min_p, generator) -> None:
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite float, got {value!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p < 1:
-        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+    check_bool("do_sample", do_sample)
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    check_number("min_p", min_p, low=0.0, high=1.0, high_open=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 

@@ -6,13 +6,12 @@ scales it by ``grad_output``. ``dW``/``db`` take a second pass over the weight, 
 only when the weight or bias requires grad.
 """
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_same, check_tensor
+from vreason_kernels._checks import check_number, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 
 def _backend_impl(backend: str):
@@ -133,10 +132,7 @@ def _check_args(hidden, weight, bias, temperature) -> None:
         raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     check_same("dtype", "hidden", hidden, [("weight", weight), ("bias", bias)])
     check_same("device", "hidden", hidden, [("weight", weight), ("bias", bias)])
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_number("temperature", temperature, low=0.0, low_open=True)
 
 
 def linear_entropy(

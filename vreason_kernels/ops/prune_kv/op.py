@@ -11,12 +11,11 @@ in position order, so the same input always keeps the same positions.
 """
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_positions, check_positions_values, check_same, check_tensor
+from vreason_kernels._checks import check_number, check_positions, check_positions_values, check_same, check_tensor
 
 # keep_ratio * S is rounded up; the tolerance stops float error (0.3 * 10 = 3.0000000000000004)
 # from keeping one row more than the ratio means.
@@ -29,10 +28,7 @@ def _check_span(span: object, n: int) -> Tensor:
 
 
 def _keep_count(keep_ratio: object, s: int) -> int:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real):
-        raise TypeError(f"keep_ratio must be a float in (0, 1], got {type(keep_ratio).__name__}")
-    if not (0.0 < float(keep_ratio) <= 1.0):
-        raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+    check_number("keep_ratio", keep_ratio, low=0.0, high=1.0, low_open=True)
     if s == 0:
         return 0
     return min(s, max(1, math.ceil(float(keep_ratio) * s - _CEIL_TOL)))

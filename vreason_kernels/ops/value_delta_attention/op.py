@@ -8,13 +8,12 @@ flash-attention, and the gradient of ``delta_v`` is chained through §2.2 inside
 backend (DESIGN.md §2.3).
 """
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_positions, check_positions_values, check_same, check_tensor
+from vreason_kernels._checks import check_number, check_positions, check_positions_values, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
 
@@ -153,10 +152,8 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale) -> None
                 f"attention_mask must be broadcastable to [B, 1 | Hq, T, N] = [{b}, 1 | {hq}, {t}, {n}], "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if scale is not None:
+        check_number("scale", scale)
     for name, x in (("key", key), ("value", value)):
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError(
