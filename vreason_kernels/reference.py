@@ -23,6 +23,7 @@ import torch
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV
+from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
 from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
 from vreason_kernels.engine.loop import is_update_step
 from vreason_kernels.engine.output import VReasonOutput
@@ -66,7 +67,7 @@ def generate(
             input_ids=request.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
             **request.model_inputs,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         delta = None
         if enabled:
             if config.keep_ratio < 1.0:
@@ -85,7 +86,7 @@ def generate(
                         cache.layers[layer].values = values.index_copy(2, span, modulated)
                     logits = model(
                         input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True,
+                        use_cache=True, **cache_kwargs(model, cache),
                     ).logits[:, -1]
             finally:
                 appended = cache.layers[layer].values[:, :, values.shape[2]:]

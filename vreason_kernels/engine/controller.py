@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from vreason_kernels.engine.config import VReasonConfig
+from vreason_kernels.engine.hf_cache import replace_cache_kwarg
 from vreason_kernels.ops.linear_entropy import linear_entropy
 
 
@@ -79,9 +80,8 @@ class LayerRerun:
 
     Forward pre-hooks on those layers record each one's inputs (hidden state, mask, RoPE
     ``position_embeddings``, ...) during the main forward. The controlled layer is re-run
-    with ``past_key_values=None`` and attends over its cached K/V through the context's
-    ``kv_override``/``mask_override`` (its own current-token K/V do not depend on ``ΔV``).
-    Later layers, re-run when the controlled layer is not the last one, do depend on
+    with no cache and attends over its cached K/V through the context's ``kv_override``/
+    ``mask_override`` (its own current-token K/V do not depend on ``ΔV``). Later layers, re-run when the controlled layer is not the last one, do depend on
     ``ΔV`` through their current-token K/V: they attend over their cached prefix plus
     freshly computed K/V (``_PrefixCache``), so the gradient has every path. The cache
     itself is never touched.
@@ -114,7 +114,8 @@ class LayerRerun:
         prefix = _PrefixCache(cache)
         for i in range(self.first, len(self.layers)):
             kw = {k: v for k, v in self.captured[i][1].items() if k != "hidden_states"}
-            kw.update(past_key_values=None if i == self.first else prefix, use_cache=False)
+            kw = replace_cache_kwarg(kw, None if i == self.first else prefix)
+            kw["use_cache"] = False
             if i == self.first:
                 context.kv_override[i] = (cache.layers[i].keys, cache.layers[i].values)
                 if kw.get("attention_mask") is not None:

@@ -118,7 +118,7 @@ def check_request(
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     check_sampling_args(do_sample, temperature, top_p, min_p, generator)
     model_inputs = dict(model_inputs)
-    for name in ("past_key_values", "position_ids", "use_cache", "inputs_embeds"):
+    for name in ("past_key_values", "cache", "position_ids", "use_cache", "inputs_embeds"):
         if name in model_inputs:
             raise ValueError(f"{name} is managed by generate and cannot be passed")
     attention_mask = model_inputs.pop("attention_mask", None)

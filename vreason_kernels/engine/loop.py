@@ -29,6 +29,7 @@ import torch
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
+from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
 from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
@@ -115,7 +116,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
         input_ids=request.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
         **request.model_inputs,
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     hidden = out.last_hidden_state[:, -1]
     delta = None
     if context is not None:
@@ -143,7 +144,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
                 positions = positions[..., -1:] + 1
                 out = parts.base(
                     input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True,
+                    use_cache=True, **cache_kwargs(parts.base, cache),
                 )
                 hidden = out.last_hidden_state[:, -1]
             entropy, logits = linear_entropy(
