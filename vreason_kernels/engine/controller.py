@@ -83,8 +83,9 @@ class LayerRerun:
     with no cache and attends over its cached K/V through the context's ``kv_override``/
     ``mask_override`` (its own current-token K/V do not depend on ``ΔV``). Later layers,
     re-run when the controlled layer is not the last one, do depend on ``ΔV`` through
-    their current-token K/V: they attend over their cached prefix plus freshly computed K/V (``_PrefixCache``), so the gradient has every path. The cache
-    itself is never touched.
+    their current-token K/V: they attend over their cached prefix plus freshly computed
+    K/V (``_PrefixCache``), so the gradient has every path. The cache itself is never
+    touched.
     """
 
     def __init__(self, layers, first: int):
