@@ -10,17 +10,21 @@ Public API (DESIGN.md §3)::
     vk.generate(model, input_ids, *, config=vk.VReasonConfig(), ...) -> vk.VReasonOutput
     vk.reference.generate(...)        # the naive V-Reason decoding, same signature
 
-``import vreason_kernels.integrations`` registers ``attn_implementation="vreason"`` with
-transformers (kept out of this import so that the kernels need no transformers).
+``attn_implementation="vreason"`` is registered with transformers as soon as transformers'
+model code is imported (``_transformers_hook``): this import itself neither needs nor
+loads transformers. ``vreason_kernels.integrations`` holds the integration's API.
 """
 
 from vreason_kernels import _extension  # noqa: F401  (loads the C++ ops, or warns once)
+from vreason_kernels import _transformers_hook
 from vreason_kernels import reference
 from vreason_kernels.backend import BACKENDS
 from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
 from vreason_kernels.ops.linear_entropy import linear_entropy
 from vreason_kernels.ops.prune_kv import prune_kv
 from vreason_kernels.ops.value_delta_attention import value_delta_attention
+
+_transformers_hook.install()
 
 __version__ = "0.1.0"
 __all__ = [
