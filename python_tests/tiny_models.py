@@ -62,12 +62,14 @@ def tiny_llama(*, seed: int = 0, attn_implementation: str = "sdpa", **overrides)
     return _build(LlamaForCausalLM, LlamaConfig(**fields), seed, attn_implementation)
 
 
-def tiny_qwen2_5_vl(*, seed: int = 0, attn_implementation: str = "sdpa", **text_overrides):
+def tiny_qwen2_5_vl(*, seed: int = 0, attn_implementation: str = "sdpa", special_ids: dict = None, **text_overrides):
     """A random ``Qwen2_5_VLForConditionalGeneration`` with mRoPE and a 2-block vision tower.
 
     Text model: 3 layers, hidden 48, 6 query / 2 kv heads (head_dim 8, mRoPE sections [2, 1, 1]),
     vocab 211. Vision: patch 4, temporal patch 2, spatial merge 2, hidden 32, window attention in
-    block 0 and full attention in block 1. ``text_overrides`` replace text-config fields.
+    block 0 and full attention in block 1. ``text_overrides`` replace text-config fields;
+    ``special_ids`` replaces the vision token ids (keys ``image_token_id``, ``video_token_id``,
+    ``vision_start_token_id``, ``vision_end_token_id``), e.g. with a real tokenizer's.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -97,15 +99,14 @@ def tiny_qwen2_5_vl(*, seed: int = 0, attn_implementation: str = "sdpa", **text_
         tokens_per_second=2,
         initializer_range=_INIT_STD,
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
+    ids = dict(
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         vision_start_token_id=VISION_START_ID,
         vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
     )
+    ids.update(special_ids or {})
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     return _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation)
 
 
@@ -167,3 +168,103 @@ def synthetic_video_inputs(
 def video_positions(model, input_ids: torch.Tensor, row: int = 0) -> torch.Tensor:
     """Positions of the video placeholder tokens in ``input_ids[row]`` (int64, sorted)."""
     return (input_ids[row] == model.config.video_token_id).nonzero().flatten()
+
+
+# --- A saved tiny Qwen2.5-VL checkpoint with a real processor, and real video files ---------
+
+# Qwen's vision special tokens, added to the shipped SmolLM2 tokenizer.
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Our own minimal chat template in the ChatML layout that SmolLM2 and Qwen share: a video or
+# image part becomes <|vision_start|><|video_pad|><|vision_end|>, which the processor expands
+# to one pad token per merged patch.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Processor sizes that match tiny_qwen2_5_vl's vision tower (patch 4, temporal 2, merge 2);
+# the pixel bounds keep a 32x48 video at its size: (32/4)*(48/4)/2**2 = 24 tokens per 2 frames.
+_TINY_VISION_PROCESSING = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8, max_pixels=48 * 48)
+
+
+def qwen_vision_tokenizer():
+    """The shipped SmolLM2 tokenizer plus Qwen's vision special tokens and a chat template (offline)."""
+    from transformers import AutoTokenizer
+
+    from vreason_kernels.models import shipped_smollm2_path
+
+    gguf = shipped_smollm2_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_qwen2_5_vl_checkpoint(folder, *, seed: int = 0):
+    """Save a random tiny Qwen2.5-VL (:func:`tiny_qwen2_5_vl`) with a real processor into ``folder``.
+
+    The processor is transformers' own ``Qwen2_5_VLProcessor``: the Qwen2-VL image and video
+    processors sized for the tiny vision tower, and :func:`qwen_vision_tokenizer`. The video
+    processor needs a working torchvision; without one this raises ``ImportError``. Returns
+    the folder as a ``Path``.
+    """
+    from pathlib import Path
+
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    folder = Path(folder)
+    tok = qwen_vision_tokenizer()
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tok.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))))
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model = tiny_qwen2_5_vl(seed=seed, special_ids=ids, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=eos, pad_token_id=eos)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**_TINY_VISION_PROCESSING),
+        video_processor=Qwen2VLVideoProcessor(**_TINY_VISION_PROCESSING),
+        tokenizer=tok,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_moving_shapes_video(path, *, frames: int = 8, height: int = 32, width: int = 48, fps: int = 4):
+    """Write a short MPEG-4 video with PyAV: a bright square crossing a dark frame while a
+    colour bar grows (a few kB). Returns the path."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.full((height, width, 3), 20, dtype=np.uint8)
+            x = (i * (width - 8)) // max(frames - 1, 1)
+            image[height // 2 - 4 : height // 2 + 4, x : x + 8] = (250, 240, 30)
+            image[-4:, : (i + 1) * width // frames] = (30, 90, 250)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_frameless_video(path):
+    """Write a container with a video stream but no frames (AVI keeps the stream header
+    without packets; MP4 drops it). ``path`` should end in ``.avi``. Returns the path."""
+    import av
+
+    with av.open(str(path), mode="w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        container.start_encoding()
+    return path

@@ -92,15 +92,15 @@ def generate_cmd(args) -> int:
     import vreason_kernels as vk
     from vreason_kernels.models import load_causal_lm
 
-    video = None if args.video is None else Path(args.video)
-    if video is not None and not video.is_file():  # before the (slow) model load
-        raise FileNotFoundError(f"--video: no such file: {video}")
+    if args.video is not None:
+        from vreason_kernels.video import check_video_file
+
+        check_video_file(args.video)  # a bad file fails before the (slow) model load
     model, proc = load_causal_lm(args.model)
-    if video is not None:
-        if not hasattr(proc, "video_processor"):
-            raise ValueError(f"--video: {args.model} has no video processor (a Qwen2.5-VL checkpoint has one)")
-        messages = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": args.prompt}]}]
-        inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    if args.video is not None:
+        from vreason_kernels.video import video_chat_inputs
+
+        inputs = video_chat_inputs(proc, args.video, args.prompt, fps=args.fps, num_frames=args.num_frames)
     else:
         inputs = _chat_ids(proc, args.prompt) if getattr(proc, "chat_template", None) else proc(args.prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
@@ -110,31 +110,70 @@ def generate_cmd(args) -> int:
     print(decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)[0])
     s = out.stats
     print(f"\n[{s['tokens']} tokens, {1e3 * s['time_per_token_s']:.1f} ms/token, "
-          f"EMA-entropy peak {float(out.entropy_ema.nan_to_num(float('-inf')).max()):.3f}]", file=sys.stderr)
+          f"EMA-entropy peak {float(out.entropy_ema.nan_to_num(float('-inf')).max()):.3f}, "
+          f"span {s['span_size']} tokens]", file=sys.stderr)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vreason", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class UsageError(Exception):
+    """A command-line mistake, reported as one line with exit status 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage and error on several lines; ours raise, for ``main`` to print one."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _number(kind, low, *, inclusive: bool):
+    """An argparse type: ``kind`` (int/float) at least (``inclusive``) or above ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="vreason", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    count, tokens = _number(int, 1, inclusive=True), _number(int, 0, inclusive=True)
     p = sub.add_parser("demo", help="base vs V-Reason on the shipped SmolLM2, with a table and an entropy plot")
-    p.add_argument("--questions", type=int, default=len(DEMO_QUESTIONS), help="how many demo questions (default all 3)")
-    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--questions", type=count, default=len(DEMO_QUESTIONS), help="how many demo questions (default all 3)")
+    p.add_argument("--max-new-tokens", type=tokens, default=80)
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG path (default ./{DEFAULT_PLOT})")
     p.add_argument("--lite", action="store_true", help="Lite mode: prune half of the span after prefill")
     p.set_defaults(func=demo)
     g = sub.add_parser("generate", help="V-Reason decoding with a local HF checkpoint folder or .gguf file")
     g.add_argument("--model", required=True, help="checkpoint folder or .gguf file")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--video", default=None, help="video file, read by the model's processor (Qwen2.5-VL)")
+    g.add_argument("--video", default=None, help="video file, decoded with PyAV and prepared by the model's own processor")
+    frames = g.add_mutually_exclusive_group()
+    frames.add_argument("--fps", type=_number(float, 0, inclusive=False), default=None,
+                        help="frames sampled per second of video (default: the processor's, else 2)")
+    frames.add_argument("--num-frames", type=count, default=None, help="frames sampled from the video, evenly")
     g.add_argument("--lite", action="store_true", help="Lite mode: prune half of the video tokens after prefill")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=tokens, default=256)
     g.set_defaults(func=generate_cmd)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (2, with one line on stderr, for any mistake)."""
     try:
+        args = _parser().parse_args(argv)
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"vreason: error: {exc}", file=sys.stderr)
+    except (UsageError, OSError, ValueError, ImportError) as exc:
+        # Usage mistakes, bad paths and files, unloadable checkpoints, missing optional packages.
+        print(f"vreason: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

