@@ -4,6 +4,12 @@ The model load itself is covered by the ``smollm2`` fixture (the same GGUF loade
 these tests hand the CLI that already-loaded model instead of loading it twice more.
 """
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import vreason_kernels.models
@@ -11,6 +17,7 @@ from vreason_kernels.__main__ import main
 from vreason_kernels.models import shipped_smollm2_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -34,16 +41,63 @@ def test_demo_prints_the_table_and_writes_the_plot(loaded_smollm2, tmp_path, cap
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_videos")
+    (folder / "notes.mp4").write_text("this is text, not a video\n")
+    if importlib.util.find_spec("av") is not None:
+        from python_tests.tiny_models import write_frameless_video
+
+        write_frameless_video(folder / "empty.avi")
+    return folder
+
+
+GENERATE = ["generate", "--model", "/nonexistent", "--prompt", "hi"]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "no such file or folder"),
-        (["generate", "--model", "/nonexistent", "--prompt", "hi", "--video", "/nonexistent/clip.mp4"],
-         "--video: no such file"),
-        (["demo", "--questions", "0"], "--questions must be in"),
+        (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
+        (["generate", "--model", "/tmp"], "the following arguments are required: --prompt"),
+        (GENERATE + ["--video", "/nonexistent/clip.mp4"], "video: no such file: /nonexistent/clip.mp4"),
+        (GENERATE + ["--video", "{bad}/notes.mp4"], "notes.mp4 is not a video file"),
+        (GENERATE + ["--video", "{bad}/empty.avi"], "empty.avi has no frames"),
+        (GENERATE + ["--max-new-tokens", "-3"], "--max-new-tokens: must be >= 0, got -3"),
+        (GENERATE + ["--max-new-tokens", "2.5"], "--max-new-tokens: expected an integer"),
+        (GENERATE + ["--fps", "-1"], "--fps: must be > 0"),
+        (GENERATE + ["--fps", "nan"], "--fps: must be > 0"),
+        (GENERATE + ["--num-frames", "0"], "--num-frames: must be >= 1"),
+        (GENERATE + ["--fps", "1", "--num-frames", "4"], "not allowed with argument"),
+        (["demo", "--questions", "0"], "--questions: must be >= 1"),
+        (["demo", "--questions", "9"], "--questions must be in [1, 3]"),
+        (["demo", "--max-new-tokens", "-1"], "--max-new-tokens: must be >= 0"),
+        (["demo", "--unknown"], "unrecognized arguments: --unknown"),
+        (["train"], "invalid choice: 'train'"),
+        ([], "the following arguments are required: command"),
     ],
-    ids=["missing-model", "missing-video", "no-questions"],
+    ids=["missing-model", "no-model-arg", "no-prompt-arg", "missing-video", "not-a-video", "frameless-video",
+         "negative-tokens", "float-tokens", "negative-fps", "nan-fps", "zero-frames", "fps-and-frames",
+         "no-questions", "too-many-questions", "demo-negative-tokens", "unknown-flag", "unknown-command", "no-command"],
 )
-def test_bad_arguments_are_clear_errors(argv, message, capsys):
+def test_mistakes_print_one_line_and_exit_2(argv, message, bad_files, capsys):
+    if any("{bad}/empty.avi" in a for a in argv):
+        pytest.importorskip("av", reason="the video extra (PyAV) writes the frameless video")
+    argv = [a.replace("{bad}", str(bad_files)) for a in argv]
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vreason: error: "), err
+    assert message in err
+
+
+def test_a_mistake_in_a_real_process_has_no_traceback(bad_files):
+    """The installed entry point, not only ``main``: exit status 2, one line, no traceback."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    argv = GENERATE + ["--video", str(bad_files / "notes.mp4")]
+    if importlib.util.find_spec("av") is None:
+        argv = GENERATE + ["--max-new-tokens", "-1"]
+    done = subprocess.run([sys.executable, "-m", "vreason_kernels", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
