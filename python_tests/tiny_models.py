@@ -268,3 +268,21 @@ def write_frameless_video(path):
         stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
         container.start_encoding()
     return path
+
+
+def save_tiny_text_checkpoint(folder, *, seed: int = 0):
+    """Save a random :func:`tiny_llama` with :func:`qwen_vision_tokenizer` (chat template
+    included) into ``folder``: a text-only checkpoint that needs no vision packages. Returns
+    the folder as a ``Path``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    tok = qwen_vision_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model = tiny_llama(seed=seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=eos,
+                       pad_token_id=eos)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -50,6 +50,7 @@ def video_chat_inputs(
     *,
     fps: Optional[float] = None,
     num_frames: Optional[int] = None,
+    system_prompt: Optional[str] = None,
 ) -> dict:
     """Model inputs for one user turn holding ``video`` then ``prompt``, with the generation prompt.
 
@@ -61,6 +62,7 @@ def video_chat_inputs(
         fps, num_frames: frame sampling, passed to the processor's ``sample_frames``
             (mutually exclusive; default: the video processor's own setting, else
             ``DEFAULT_FPS`` = 2 frames per second, Qwen2.5-VL's training rate).
+        system_prompt: an optional system turn before the user turn.
 
     Returns:
         A dict of ``[1, ...]`` tensors: ``input_ids``, ``attention_mask``,
@@ -86,6 +88,8 @@ def video_chat_inputs(
     sample = partial(video_processor.sample_frames, fps=fps, num_frames=num_frames)
     frames, metadata = load_video(str(path), backend="pyav", sample_indices_fn=sample)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(
         text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
