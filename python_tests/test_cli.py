@@ -5,19 +5,17 @@ these tests hand the CLI that already-loaded model instead of loading it twice m
 """
 
 import importlib.util
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import vreason_kernels.models
 from vreason_kernels.__main__ import main
+from python_tests.utils import repo_env
 from vreason_kernels.models import shipped_smollm2_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -93,11 +91,10 @@ def test_mistakes_print_one_line_and_exit_2(argv, message, bad_files, capsys):
 
 def test_a_mistake_in_a_real_process_has_no_traceback(bad_files):
     """The installed entry point, not only ``main``: exit status 2, one line, no traceback."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     argv = GENERATE + ["--video", str(bad_files / "notes.mp4")]
     if importlib.util.find_spec("av") is None:
         argv = GENERATE + ["--max-new-tokens", "-1"]
-    done = subprocess.run([sys.executable, "-m", "vreason_kernels", *argv], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-m", "vreason_kernels", *argv], capture_output=True, text=True, env=repo_env(),
                           timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

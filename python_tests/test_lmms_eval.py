@@ -8,7 +8,6 @@ The text task runs everywhere; the video task needs transformers' Qwen2-VL video
 
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,14 @@ import torch
 
 pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
 
-from python_tests.test_video import needs_video_processor  # noqa: E402
 from python_tests.tiny_models import (  # noqa: E402
+    needs_video_processor,
     save_tiny_qwen2_5_vl_checkpoint,
     save_tiny_text_checkpoint,
     write_moving_shapes_video,
 )
+from python_tests.utils import repo_env  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TASK_UTILS = '''
 def doc_to_visual(doc):
     return [doc["video"]] if doc.get("video") else []
@@ -72,8 +71,7 @@ def run_lmms_eval(tmp_path: Path, checkpoint: Path, task: str, include: Path, **
     out, stats = tmp_path / "out", tmp_path / "stats.jsonl"
     args = ",".join(f"{k}={v}" for k, v in dict(pretrained=checkpoint, dtype="float32", device="cpu",
                                                 stats_path=stats, **model_args).items())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = repo_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "vreason", "--model_args", args, "--tasks", task,
            "--include_path", str(include), "--batch_size", "1", "--output_path", str(out), "--log_samples"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -91,8 +89,7 @@ def text_checkpoint(tmp_path_factory):
 def test_importing_the_package_does_not_import_lmms_eval():
     code = ("import sys, vreason_kernels, vreason_kernels.integrations, vreason_kernels.integrations.lmms_eval; "
             "print([m for m in sys.modules if m.split('.')[0] == 'lmms_eval'])")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=repo_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

@@ -7,38 +7,25 @@ that imports with the installed torch. PyPI has only CUDA builds of torchvision 
 matching torchvision is installed (e.g. the GPU image).
 """
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.tiny_models import save_tiny_qwen2_5_vl_checkpoint, write_frameless_video, write_moving_shapes_video
+from python_tests.tiny_models import (
+    needs_video_processor,
+    save_tiny_qwen2_5_vl_checkpoint,
+    write_frameless_video,
+    write_moving_shapes_video,
+)
+from python_tests.utils import repo_env
 
 pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
 
 from vreason_kernels.integrations import default_span  # noqa: E402
 from vreason_kernels.video import check_video_file, video_chat_inputs  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _torchvision_error():
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:  # a CUDA-only build raises RuntimeError against a CPU torch
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-needs_video_processor = pytest.mark.skipif(
-    _torchvision_error() is not None,
-    reason=f"transformers' Qwen2-VL video processor needs torchvision, which does not import here ({_torchvision_error()})",
-)
-
 
 @pytest.fixture(scope="module")
 def video_file(tmp_path_factory):
@@ -117,9 +104,8 @@ def test_api_video_tokens_come_from_the_processor_and_form_the_span(checkpoint, 
 
 @needs_video_processor
 def test_cli_generates_from_a_video_file(checkpoint, video_file):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "vreason_kernels", "generate", "--model", str(checkpoint), "--video", str(video_file),
            "--prompt", "What moves?", "--max-new-tokens", "4"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), timeout=300)
     assert done.returncode == 0, done.stderr
     assert "span 48 tokens" in done.stderr and "ms/token" in done.stderr

@@ -13,6 +13,7 @@ fixed seed (``seed=``) without touching the global RNG, so tests stay reproducib
 
 import inspect
 
+import pytest
 import torch
 
 TINY_VOCAB = 211
@@ -286,3 +287,19 @@ def save_tiny_text_checkpoint(folder, *, seed: int = 0):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def _torchvision_error():
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # a CUDA-only build raises RuntimeError against a CPU torch
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_TORCHVISION_ERROR = _torchvision_error()
+# For tests that need transformers' Qwen2-VL video processor (save_tiny_qwen2_5_vl_checkpoint).
+needs_video_processor = pytest.mark.skipif(
+    _TORCHVISION_ERROR is not None,
+    reason=f"transformers' Qwen2-VL video processor needs torchvision, which does not import here ({_TORCHVISION_ERROR})",
+)

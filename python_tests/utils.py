@@ -1,6 +1,9 @@
 """Shared assertions: a kernel is judged against a float64 reference, relative to the
 error the same-dtype PyTorch implementation makes on the same input (DESIGN.md §5)."""
 
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -28,3 +31,13 @@ def assert_close_to_reference(
     err = max_abs_err(actual, reference64)
     base = max_abs_err(baseline, reference64)
     assert err <= k * base + atol, f"{name}: max error {err:.3e} > {k} x baseline {base:.3e} + {atol:.1e}"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_env(**extra) -> dict:
+    """The environment for a subprocess that must import this source tree's package."""
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
