@@ -79,7 +79,8 @@ def video_chat_inputs(
     if video_processor is None:
         raise ValueError(f"processor: {type(processor).__name__} has no video processor (Qwen2.5-VL's has one)")
     path = check_video_file(video)
-    if fps is None and num_frames is None and video_processor.fps is None and video_processor.num_frames is None:
+    own_rate = (getattr(video_processor, "fps", None), getattr(video_processor, "num_frames", None))
+    if fps is None and num_frames is None and own_rate == (None, None):
         fps = DEFAULT_FPS
     from transformers.video_utils import load_video
 
