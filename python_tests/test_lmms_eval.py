@@ -160,6 +160,10 @@ def test_base_model_is_plain_greedy_decoding(text_checkpoint):
         expected = lmm.tokenizer.decode(plain[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert answer.text == expected
         assert answer.token_counts.output_tokens == stats["tokens"] == plain.shape[1] - inputs["input_ids"].shape[1]
+        # The task's stop strings cut the answer, except a blank line.
+        stop = expected[2:4]
+        cut, _ = lmm.answer(doc["question"], [], {"max_new_tokens": 7, "until": [stop, "\n\n"]})
+        assert len(stop) == 2 and cut == expected.split(stop)[0] and cut != expected
 
 
 def test_a_request_with_an_image_is_a_clear_error(text_checkpoint):

@@ -130,7 +130,9 @@ class VReasonLMM(lmms):
         text = self.tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
         until = gen_kwargs.get("until") or []
         for stop in [until] if isinstance(until, str) else until:
-            if stop:
+            # A blank line is not a stop: reasoning answers have paragraphs (lmms-eval's own
+            # Qwen2.5-VL model drops it too, so base runs stay comparable with it).
+            if stop and stop != "\n\n":
                 text = text.split(stop)[0]
         return text, sample_statistics(out, input_tokens=ids.shape[1], enabled=self.config.enabled)
 
