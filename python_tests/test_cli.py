@@ -58,6 +58,8 @@ GENERATE = ["generate", "--model", "/nonexistent", "--prompt", "hi"]
     [
         (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "no such file or folder"),
         (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
+        (["generate", "--model", "{bad}", "--prompt", "hi"], "{bad}"),
+        (["generate", "--model", "{bad}/notes.mp4", "--prompt", "hi"], "expected a checkpoint folder or a .gguf file"),
         (["generate", "--model", "/tmp"], "the following arguments are required: --prompt"),
         (GENERATE + ["--video", "/nonexistent/clip.mp4"], "video: no such file: /nonexistent/clip.mp4"),
         (GENERATE + ["--video", "{bad}/notes.mp4"], "notes.mp4 is not a video file"),
@@ -75,7 +77,7 @@ GENERATE = ["generate", "--model", "/nonexistent", "--prompt", "hi"]
         (["train"], "invalid choice: 'train'"),
         ([], "the following arguments are required: command"),
     ],
-    ids=["missing-model", "no-model-arg", "no-prompt-arg", "missing-video", "not-a-video", "frameless-video",
+    ids=["missing-model", "no-model-arg", "not-a-checkpoint", "not-a-model-file", "no-prompt-arg", "missing-video", "not-a-video", "frameless-video",
          "negative-tokens", "float-tokens", "negative-fps", "nan-fps", "zero-frames", "fps-and-frames",
          "no-questions", "too-many-questions", "demo-negative-tokens", "unknown-flag", "unknown-command", "no-command"],
 )
@@ -83,6 +85,7 @@ def test_mistakes_print_one_line_and_exit_2(argv, message, bad_files, capsys):
     if any("{bad}/empty.avi" in a for a in argv):
         pytest.importorskip("av", reason="the video extra (PyAV) writes the frameless video")
     argv = [a.replace("{bad}", str(bad_files)) for a in argv]
+    message = message.replace("{bad}", str(bad_files))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vreason: error: "), err

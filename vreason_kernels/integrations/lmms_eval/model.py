@@ -43,8 +43,8 @@ class VReasonLMM(lmms):
         fps, num_frames: frame sampling of the processor (default: the processor's, else 2 fps).
         max_new_tokens: default answer budget where the task gives none (default 1024).
         system_prompt: optional system turn.
-        stats_path: JSON-lines file for the per-sample statistics (per process:
-            ``.rank<r>`` is appended when ``accelerate`` runs several).
+        stats_path: JSON-lines file the per-sample statistics are appended to (per
+            process: ``.rank<r>`` is added to the name when ``accelerate`` runs several).
         every other key: a :class:`vk.VReasonConfig` field (``enabled=False`` is the base
             model; ``lr``, ``steps``, ``every``, ``ema_beta``, ``keep_ratio``, ...).
     """
