@@ -25,7 +25,11 @@
 //     run single-threaded inside the chunk task, with rows in groups of kGemmRows
 //     to bound the partials' memory.
 // The weight gradient is a second pass: dW_j = sum_r g_r dH_r/dz_rj h_r / tau with
-// dH/dz recomputed from (lse, mu); each chunk owns its rows of dW, so no merging.
+// dH/dz recomputed from the row statistics (m, log s, H) the forward saved; each
+// chunk owns its rows of dW, so no merging. The statistics stay relative to m:
+//   p_j = exp(d_j - log s),   z_j - mu = d_j - t/s,   t/s = log s - H,
+// where the absolute lse = m + log s and mu = m + t/s, rounded to fp32, would each
+// add an error of ulp(m) per coefficient (2-3x plain PyTorch's at logits ~1000).
 //
 // Masked vocabulary (z_j = -inf) gets e_j = 0 and contributes exactly 0: products
 // e_j * d_j are formed only for e_j > 0, so 0 * inf never occurs.
@@ -378,7 +382,8 @@ Problem<scalar_t> make_problem(const at::Tensor& hidden32, const at::Tensor& wei
 }
 
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* lse, float* mu) {
+void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* row_max,
+                  float* log_sum) {
   const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
   const int64_t dim = p.dim;
@@ -422,8 +427,8 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
         const int64_t r = r0 + g;
         const float s = *acc.s, ts = *acc.t / s;
         entropy[r] = std::log(s) - ts;
-        lse[r] = *acc.m + std::log(s);
-        mu[r] = *acc.m + ts;
+        row_max[r] = *acc.m;
+        log_sum[r] = std::log(s);
         if (need_grad) {
           // dH/dh = -(B - (t/s) A) / (s tau)
           const float scale = -p.inv_tau / s;
@@ -443,17 +448,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_en
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor entropy = new_output({rows}, f32);
   at::Tensor dh = new_output(need_grad ? at::IntArrayRef{rows, dim} : at::IntArrayRef{0}, f32);
-  at::Tensor lse = new_output({rows}, f32);
-  at::Tensor mu = new_output({rows}, f32);
+  at::Tensor row_max = new_output({rows}, f32);
+  at::Tensor log_sum = new_output({rows}, f32);
   at::Tensor logits = new_output(return_logits ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, hidden.options());
-  if (rows == 0) return {entropy, dh, lse, mu, logits};
+  if (rows == 0) return {entropy, dh, row_max, log_sum, logits};
   const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
   AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
     forward_impl(p, need_grad, entropy.data_ptr<float>(), need_grad ? dh.data_ptr<float>() : nullptr,
-                 lse.data_ptr<float>(), mu.data_ptr<float>());
+                 row_max.data_ptr<float>(), log_sum.data_ptr<float>());
   }));
-  return {entropy, dh, lse, mu, logits};
+  return {entropy, dh, row_max, log_sum, logits};
 }
 
 // ---------------------------------------------------------------- weight gradient
@@ -462,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_en
 // coefficients c_rj = g_r (-p_rj (z_rj - mu_r)) / tau are laid out [j][r] so both
 // paths read them as the weights of a sum over hidden rows.
 template <typename scalar_t>
-void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, const float* mu, const float* g_ent,
-                       float* gw, float* gb) {
+void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_max, const float* log_sum,
+                       const float* ent, const float* g_ent, float* gw, float* gb) {
   const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
@@ -482,10 +487,12 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t r = r0 + g;
         const float scale = -g_ent[r] * p.inv_tau;
+        const float mean = log_sum[r] - ent[r];  // t/s = mu - m
         for (int64_t j = 0; j < n; ++j) {
-          const float z = zp[g * tile + j];
-          const float prob = std::exp(z - lse[r]);
-          cp[j * group + g] = prob > 0.f ? scale * prob * (z - mu[r]) : 0.f;
+          // An all-masked row (m = -inf) gives d = NaN, so prob > 0 fails: no contribution.
+          const float d = zp[g * tile + j] - row_max[r];
+          const float prob = std::exp(d - log_sum[r]);
+          cp[j * group + g] = prob > 0.f ? scale * prob * (d - mean) : 0.f;
         }
       }
       const float* h = p.hidden + r0 * p.dim;
@@ -503,13 +510,14 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
 
 std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& hidden, const at::Tensor& weight,
                                                               const c10::optional<at::Tensor>& bias,
-                                                              double temperature, const at::Tensor& lse,
-                                                              const at::Tensor& mu, const at::Tensor& grad_entropy,
-                                                              bool need_bias) {
+                                                              double temperature, const at::Tensor& row_max,
+                                                              const at::Tensor& log_sum, const at::Tensor& entropy,
+                                                              const at::Tensor& grad_entropy, bool need_bias) {
   check_inputs(hidden, weight, bias, temperature);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  check_row_stat("lse", lse, rows);
-  check_row_stat("mu", mu, rows);
+  check_row_stat("row_max", row_max, rows);
+  check_row_stat("log_sum", log_sum, rows);
+  check_row_stat("entropy", entropy, rows);
   check_row_stat("grad_entropy", grad_entropy, rows);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gw = new_output(weight.sizes(), f32);
@@ -525,8 +533,9 @@ std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& 
     const int64_t chunks = (vocab + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
-        weight_grad_chunk(p, c, lse.data_ptr<float>(), mu.data_ptr<float>(), grad_entropy.data_ptr<float>(),
-                          gw.data_ptr<float>(), need_bias ? gb.data_ptr<float>() : nullptr);
+        weight_grad_chunk(p, c, row_max.data_ptr<float>(), log_sum.data_ptr<float>(), entropy.data_ptr<float>(),
+                          grad_entropy.data_ptr<float>(), gw.data_ptr<float>(),
+                          need_bias ? gb.data_ptr<float>() : nullptr);
     });
   }));
   return {gw, gb};

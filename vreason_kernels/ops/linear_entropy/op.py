@@ -51,25 +51,28 @@ def _linear_entropy_weight_grad(
     weight: Tensor,
     bias: Optional[Tensor],
     temperature: float,
-    lse: Tensor,
-    mu: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
+    entropy: Tensor,
     grad_entropy: Tensor,
     need_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _backend_impl(backend).weight_grad(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias)
+    return _backend_impl(backend).weight_grad(
+        hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias
+    )
 
 
 @_linear_entropy_weight_grad.register_fake
-def _(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias, backend):
+def _(hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias, backend):
     acc = accumulator_dtype(hidden.dtype)
     return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape[0] if need_bias else 0, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, temperature, _, return_logits, backend = inputs
-    _, dh, lse, mu, _ = output
-    ctx.save_for_backward(hidden, weight, bias, dh, lse, mu)
+    entropy, dh, row_max, log_sum, _ = output
+    ctx.save_for_backward(hidden, weight, bias, dh, row_max, log_sum, entropy)
     ctx.temperature, ctx.return_logits, ctx.backend = temperature, return_logits, backend
     # Unused outputs then reach the backward as None rather than zeros: logits returned
     # for sampling only must not cost a second read of W in the backward.
@@ -80,20 +83,24 @@ def _sum(a: Optional[Tensor], b: Tensor) -> Tensor:
     return b if a is None else a + b
 
 
-def _backward(ctx, g_entropy, _g_dh, _g_lse, _g_mu, g_logits):
-    hidden, weight, bias, dh, lse, mu = ctx.saved_tensors
+def _backward(ctx, g_entropy, _g_dh, _g_row_max, _g_log_sum, g_logits):
+    hidden, weight, bias, dh, row_max, log_sum, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    acc = entropy.dtype
     grad_hidden = grad_weight = grad_bias = None
     if g_entropy is not None:
         if need_hidden:
-            grad_hidden = g_entropy.to(dh.dtype).unsqueeze(-1) * dh
+            grad_hidden = g_entropy.to(acc).unsqueeze(-1) * dh
         if need_weight or need_bias:
+            # Gradients come in any layout: stride 0 from .sum()/.mean(), views, ...;
+            # the kernels read a dense [R] vector.
             grad_weight, grad_bias = _linear_entropy_weight_grad(
-                hidden, weight, bias, ctx.temperature, lse, mu, g_entropy.to(lse.dtype), need_bias, ctx.backend
+                hidden, weight, bias, ctx.temperature, row_max, log_sum, entropy,
+                g_entropy.to(acc).contiguous(), need_bias, ctx.backend,
             )
     if g_logits is not None:
         # Returned logits are W h + b, an ordinary linear layer's output.
-        g = g_logits.to(lse.dtype)
+        g = g_logits.to(acc)
         if need_hidden:
             grad_hidden = _sum(grad_hidden, g @ weight.to(g.dtype))
         if need_weight:
