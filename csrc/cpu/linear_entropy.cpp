@@ -182,7 +182,7 @@ struct GroupStates {
 void rebase(const RowState& st, float m_new, int64_t dim) {
   // An empty state (m = -inf) holds exact zeros: only its max moves. This also keeps
   // (m - m_new) = -inf away from the products below.
-  if (*st.m == kNegInf) {
+  if (*st.m == kNegInf || *st.m == m_new) {
     *st.m = m_new;
     return;
   }
@@ -377,6 +377,8 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
     if (!p.gemm && ((j0 + n - j_begin) % kBlockRows == 0 || j0 + n == j_end)) {
       for (int64_t g = 0; g < group; ++g) merge_state(chunk.row(g), block.row(g), p.dim);
       block.reset();
+      // Restart at the chunk's max: the block then rebases only when the max rises.
+      std::copy(chunk.stats, chunk.stats + group, block.stats);
     }
   }
 }
