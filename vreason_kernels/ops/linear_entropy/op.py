@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_number, check_same, check_tensor
+from vreason_kernels._checks import check_bool, check_number, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 
 def _backend_impl(backend: str):
@@ -121,7 +121,7 @@ def _backward(ctx, g_entropy, _g_dh, _g_row_max, _g_log_sum, g_logits):
 _linear_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(hidden, weight, bias, temperature) -> None:
+def _check_args(hidden, weight, bias, temperature, return_logits) -> None:
     check_tensor("hidden", hidden, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if bias is not None:
@@ -140,6 +140,7 @@ def _check_args(hidden, weight, bias, temperature) -> None:
     check_same("dtype", "hidden", hidden, [("weight", weight), ("bias", bias)])
     check_same("device", "hidden", hidden, [("weight", weight), ("bias", bias)])
     check_number("temperature", temperature, low=0.0, low_open=True)
+    check_bool("return_logits", return_logits)
 
 
 def linear_entropy(
@@ -166,9 +167,20 @@ def linear_entropy(
 
     Returns:
         ``entropy [...]`` as float32, or ``(entropy, logits)``. Differentiable in
-        ``hidden``, and in ``weight``/``bias`` when they require grad.
+        ``hidden``, and in ``weight``/``bias`` when they require grad; the backward
+        takes gradients of any layout (expanded by ``.sum()``, strided, dense).
+
+    Edge cases (the same in every backend; checking them would cost a device sync):
+        * Zero rows (``hidden [..., 0, D]``): empty entropy and logits, zero dW/db.
+        * A row whose logits are all -inf has no distribution: its entropy and its
+          dH/dh are NaN, and it adds nothing to dW/db. Other rows are unaffected.
+        * NaN/Inf in a row of ``hidden`` make that row's entropy and hidden gradient
+          NaN (other rows stay exact); dW, a sum over rows, then holds NaN too. A NaN
+          in ``weight`` or ``bias`` reaches every row. Never an error or a hang.
+        * Tiny or huge temperatures give finite results: 0 for a strict argmax as
+          tau -> 0, log V as tau -> inf.
     """
-    _check_args(hidden, weight, bias, temperature)
+    _check_args(hidden, weight, bias, temperature, return_logits)
     resolved = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64:
         if backend == "auto":

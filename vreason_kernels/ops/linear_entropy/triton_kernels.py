@@ -135,7 +135,7 @@ def _forward_partials_kernel(
         z = logits / tau
         m_new = tl.maximum(m, tl.max(z, axis=1))
         r, delta = _rescale(m, m_new)
-        live = z > _NEG_INF
+        live = z != _NEG_INF  # a NaN logit stays live, so that it makes the row's H NaN
         m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
         zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
         e = tl.where(live, tl.exp(zc), 0.0)
@@ -286,7 +286,8 @@ def _weight_grad_kernel(
         live = (z > _NEG_INF) & row_ok[:, None]
         d = tl.where(live, z - row_max[:, None], 0.0)
         p = tl.where(live, tl.exp(d - log_sum[:, None]), 0.0)
-        grad = -p * (d - mean[:, None]) * scale[:, None]
+        # where, not a product with p = 0: mean is NaN on all-masked rows.
+        grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
         h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         dw = tl.dot(tl.trans(grad), h.to(tl.float32), dw, input_precision=PRECISION)
         if NEED_BIAS:
