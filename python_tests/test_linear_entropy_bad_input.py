@@ -140,7 +140,8 @@ def test_extreme_temperatures_are_finite(backend, temperature):
     entropy = vk.linear_entropy(hidden, weight, temperature=temperature, backend=backend)
     entropy.sum().backward()
     assert torch.isfinite(entropy).all() and torch.isfinite(hidden.grad).all()
-    if temperature <= 1e-3:
-        assert torch.equal(entropy, torch.zeros(R))  # strict argmax: one word keeps p = 1
+    assert (entropy >= 0).all()
+    if temperature <= 1e-30:
+        assert torch.equal(entropy, torch.zeros(R))  # z gaps of ~1e30: one word keeps p = 1
     if temperature >= 1e30:
         assert torch.allclose(entropy, torch.full((R,), math.log(V)))
