@@ -92,6 +92,23 @@ def _logit_error_draws(inputs, temperature, draws):
     return [torch.where(finite, size * (torch.randint(0, 2, z64.shape) * 2 - 1), 0.0) for _ in range(draws)]
 
 
+def _product_scales(inputs64, temperature, grad_entropy, grad_logits):
+    """Largest entry of |G| @ |W|, |G|^T @ |h| and sum |G| over rows, where G is the float64
+    loss gradient with respect to the logits: the scales of the sums that end dh, dW, db."""
+    hidden, weight, bias = inputs64
+    logits = torch.nn.functional.linear(hidden, weight, bias).detach().requires_grad_()
+    z = logits / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    loss = (-(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1) * grad_entropy).sum()
+    if grad_logits is not None:
+        loss = loss + (logits * grad_logits).sum()
+    g = torch.autograd.grad(loss, logits)[0].abs().reshape(-1, weight.shape[0])
+    rows = hidden.detach().abs().reshape(-1, hidden.shape[-1])
+    scales = [(g @ weight.detach().abs()).max(), (g.transpose(0, 1) @ rows).max(), g.sum(0).max()]
+    return [x.item() if x.numel() else 0.0 for x in scales]
+
+
 def check_against_reference(
     backend, hidden, weight, bias, *, temperature=1.0, grad_entropy=None, grad_logits=None,
     requires_grad=(True, True, True), k=2.0,
@@ -106,7 +123,10 @@ def check_against_reference(
     equals the exact math on its own float32 logits). So the floor adds k x the largest
     error of the float64 computation on z moved by float32-sized logit errors (see
     ``_logit_error_draws``) over a few draws: the error bound is k x the larger of
-    PyTorch's error and float32 logits' unavoidable one.
+    PyTorch's error and float32 logits' unavoidable one. Gradients also get k x one float32
+    rounding of their final sums (``_product_scales``): a weight column shared by every
+    word (the +1000 offset through W h) makes dH/dh there an exact 0 that every float32
+    sum only reaches up to eps x 1000 x sum |dH/dz|.
     """
     dtype = hidden.dtype
     if grad_entropy is None:
@@ -124,17 +144,20 @@ def check_against_reference(
 
     assert got[0].dtype == torch.float32 and got[0].shape == hidden.shape[:-1]
     jittered = [[j[0] for j in jitters]] + [[j[2][i] for j in jitters] for i in range(3)]
-    checks = [("entropy", got[0], ref[0], base[0], jittered[0])]
+    eps32 = torch.finfo(torch.float32).eps
+    sum_floors = [0.0] + [eps32 * c for c in _product_scales(as64, temperature, grad_entropy, grad_logits)]
+    checks = [("entropy", got[0], ref[0], base[0], jittered[0], 0.0)]
     if grad_logits is not None:
         assert got[1].dtype == dtype
-        checks.append(("logits", got[1], ref[1], base[1], []))
-    checks += zip(("grad hidden", "grad weight", "grad bias"), got[2], ref[2], base[2], jittered[1:])
-    for name, actual, reference, baseline, jittered_outputs in checks:
+        checks.append(("logits", got[1], ref[1], base[1], [], 0.0))
+    names = ("grad hidden", "grad weight", "grad bias")
+    checks += zip(names, got[2], ref[2], base[2], jittered[1:], sum_floors[1:])
+    for name, actual, reference, baseline, jittered_outputs, sum_floor in checks:
         if reference is None:
             assert actual is None, f"{name} should be None"
             continue
         assert actual.dtype == (torch.float32 if name == "entropy" else dtype), name
-        floor = rounding_floor(reference, actual.dtype)
+        floor = rounding_floor(reference, actual.dtype) + k * sum_floor
         floor += k * max((max_abs_err(j, reference) for j in jittered_outputs), default=0.0)
         assert_close_to_reference(actual, reference, baseline, k=k, atol=floor, name=name)
     return got
