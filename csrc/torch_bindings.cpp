@@ -8,8 +8,9 @@
 TORCH_LIBRARY(vreason_C, m) {
   // Fused linear entropy over rows of `hidden [R, D]` against `weight [V, D]`.
   // Returns (entropy f32 [R], dH/dhidden f32 [R, D] (empty unless need_grad),
-  //          lse f32 [R], mu f32 [R], logits [R, V] in hidden's dtype (empty unless
-  //          return_logits)). lse and mu are in units of z = (W h + b) / temperature.
+  //          row_max f32 [R], log_sum f32 [R], logits [R, V] in hidden's dtype (empty
+  //          unless return_logits)). row_max m = max_j z_j and log_sum = log sum_j e^{z_j - m},
+  //          in units of z = (W h + b) / temperature (so lse = m + log_sum).
   m.def(
       "linear_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, float temperature, "
       "bool need_grad, bool return_logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -17,7 +18,7 @@ TORCH_LIBRARY(vreason_C, m) {
   // Returns (grad_weight f32 [V, D], grad_bias f32 [V] (empty unless need_bias)).
   m.def(
       "linear_entropy_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, float temperature, "
-      "Tensor lse, Tensor mu, Tensor grad_entropy, bool need_bias) -> (Tensor, Tensor)");
+      "Tensor row_max, Tensor log_sum, Tensor entropy, Tensor grad_entropy, bool need_bias) -> (Tensor, Tensor)");
   // Attention whose value rows at span positions are replaced by the norm-preserving
   // map v' = (v + delta) ||v|| / max(||v + delta||, eps). span_index [N] int32 maps a
   // position to its row in delta_v, or -1. attn_bias is additive f32, broadcastable

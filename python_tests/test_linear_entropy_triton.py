@@ -30,13 +30,13 @@ def _assert_matches_reference(hidden, weight, bias, temperature=1.0, num_splits=
     out = tk.forward(hidden, weight, bias, temperature, True, True, num_splits=num_splits)
     as64 = [t.double() for t in (hidden, weight, bias)]
     ref = naive.forward(*as64, temperature, True, True)
-    for name, got, want in zip(("entropy", "dh", "lse", "mu", "logits"), out, ref):
+    for name, got, want in zip(("entropy", "dh", "row_max", "log_sum", "logits"), out, ref):
         finite = torch.isfinite(want)
         assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite pattern differs"
         torch.testing.assert_close(got.double()[finite], want[finite], atol=atol, rtol=1e-5, msg=name)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
-    got_w = tk.weight_grad(hidden, weight, bias, temperature, out[2], out[3], grad, True)
-    want_w = naive.weight_grad(*as64, temperature, ref[2], ref[3], grad.double(), True)
+    got_w = tk.weight_grad(hidden, weight, bias, temperature, out[2], out[3], out[0], grad, True)
+    want_w = naive.weight_grad(*as64, temperature, ref[2], ref[3], ref[0], grad.double(), True)
     for name, got, want in zip(("dW", "db"), got_w, want_w):
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-5, msg=name)
     return out
@@ -85,24 +85,24 @@ def test_same_bits_every_run():
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     grad = torch.randn(9, device=DEVICE)
-    w1, w2 = (tk.weight_grad(hidden, weight, bias, 1.0, first[2], first[3], grad, True) for _ in range(2))
+    w1, w2 = (tk.weight_grad(hidden, weight, bias, 1.0, first[2], first[3], first[0], grad, True) for _ in range(2))
     assert torch.equal(w1[0], w2[0]) and torch.equal(w1[1], w2[1])
 
 
 def test_forward_without_grad_or_logits_and_without_bias():
     hidden, weight, _ = _inputs(3, 77, 21)
-    entropy, dh, lse, mu, logits = tk.forward(hidden, weight, None, 1.0, False, False)
+    entropy, dh, row_max, log_sum, logits = tk.forward(hidden, weight, None, 1.0, False, False)
     assert dh.shape == (0,) and logits.shape == (0,)
     ref = naive.forward(hidden.double(), weight.double(), None, 1.0, False, False)
-    for got, want in zip((entropy, lse, mu), (ref[0], ref[2], ref[3])):
+    for got, want in zip((entropy, row_max, log_sum), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
 def test_zero_rows():
     hidden, weight, bias = _inputs(0, 31, 12)
-    entropy, dh, lse, mu, logits = tk.forward(hidden, weight, bias, 1.0, True, True)
-    assert entropy.shape == lse.shape == mu.shape == (0,) and dh.shape == (0, 12) and logits.shape == (0, 31)
-    grad_weight, grad_bias = tk.weight_grad(hidden, weight, bias, 1.0, lse, mu, entropy, True)
+    entropy, dh, row_max, log_sum, logits = tk.forward(hidden, weight, bias, 1.0, True, True)
+    assert entropy.shape == row_max.shape == log_sum.shape == (0,) and dh.shape == (0, 12) and logits.shape == (0, 31)
+    grad_weight, grad_bias = tk.weight_grad(hidden, weight, bias, 1.0, row_max, log_sum, entropy, entropy, True)
     assert torch.equal(grad_weight, torch.zeros(31, 12, device=DEVICE))
     assert torch.equal(grad_bias, torch.zeros(31, device=DEVICE))
 

@@ -25,7 +25,11 @@
 //     run single-threaded inside the chunk task, with rows in groups of kGemmRows
 //     to bound the partials' memory.
 // The weight gradient is a second pass: dW_j = sum_r g_r dH_r/dz_rj h_r / tau with
-// dH/dz recomputed from (lse, mu); each chunk owns its rows of dW, so no merging.
+// dH/dz recomputed from the row statistics (m, log s, H) the forward saved; each
+// chunk owns its rows of dW, so no merging. The statistics stay relative to m:
+//   p_j = exp(d_j - log s),   z_j - mu = d_j - t/s,   t/s = log s - H,
+// where the absolute lse = m + log s and mu = m + t/s, rounded to fp32, would each
+// add an error of ulp(m) per coefficient (2-3x plain PyTorch's at logits ~1000).
 //
 // Masked vocabulary (z_j = -inf) gets e_j = 0 and contributes exactly 0: products
 // e_j * d_j are formed only for e_j > 0, so 0 * inf never occurs.
@@ -52,6 +56,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 2048;      // W rows per parallel task and per merged partial
 constexpr int64_t kSubRows = 4;       // W rows per tile of the direct path (4 x D fp32 ~ L1)
+constexpr int64_t kBlockRows = 64;    // W rows per block state of the direct path (two-level sums)
 constexpr int64_t kDirectMaxRows = 16; // direct tiles measured faster than GEMM tiles up to here
 constexpr int64_t kGemmRows = 128;    // hidden rows per group on the GEMM path
 
@@ -154,10 +159,30 @@ struct RowState {
   float* b;
 };
 
+// The states of a group of rows: stats [3][group] holds (m, s, t), ab [2][group][D]
+// holds (A, B) (null when no gradient is wanted).
+struct GroupStates {
+  float* stats;
+  float* ab;
+  int64_t group, dim;
+
+  RowState row(int64_t g) const {
+    float* a = ab != nullptr ? ab + g * dim : nullptr;
+    float* b = ab != nullptr ? ab + (group + g) * dim : nullptr;
+    return {stats + g, stats + group + g, stats + 2 * group + g, a, b};
+  }
+  // The empty state: m = -inf, s = t = 0, A = B = 0.
+  void reset() const {
+    std::fill(stats, stats + group, kNegInf);
+    std::fill(stats + group, stats + 3 * group, 0.f);
+    if (ab != nullptr) std::fill(ab, ab + 2 * group * dim, 0.f);
+  }
+};
+
 void rebase(const RowState& st, float m_new, int64_t dim) {
   // An empty state (m = -inf) holds exact zeros: only its max moves. This also keeps
   // (m - m_new) = -inf away from the products below.
-  if (*st.m == kNegInf) {
+  if (*st.m == kNegInf || *st.m == m_new) {
     *st.m = m_new;
     return;
   }
@@ -167,6 +192,34 @@ void rebase(const RowState& st, float m_new, int64_t dim) {
   *st.s = r * *st.s;
   if (st.a != nullptr) rebase_vectors(st.a, st.b, r, dm, dim);
   *st.m = m_new;
+}
+
+// Sum of x[0, n) by pairwise halving: O(log n) ulps of error, as torch.sum, where a
+// running sum over a 2048-row chunk loses O(sqrt n) and H and dH/dh then miss the
+// 2x-of-PyTorch bound for all-positive logits. Fixed split points: same bits every run.
+float pairwise_sum(const float* x, int64_t n) {
+  if (n <= 16) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) acc += x[i];
+    return acc;
+  }
+  const int64_t half = n / 2;
+  return pairwise_sum(x, half) + pairwise_sum(x + half, n - half);
+}
+
+// acc <- acc (+) part: both rebased onto the larger max, then added (part is left rebased).
+void merge_state(const RowState& acc, const RowState& part, int64_t dim) {
+  const float top = std::max(*acc.m, *part.m);
+  if (top == kNegInf) return;  // both fully masked so far
+  rebase(acc, top, dim);
+  rebase(part, top, dim);
+  *acc.s += *part.s;
+  *acc.t += *part.t;
+  if (acc.a != nullptr) {
+    const float one = 1.f;
+    accumulate_rows(acc.a, &one, 1, part.a, dim, 1, dim);
+    accumulate_rows(acc.b, &one, 1, part.b, dim, 1, dim);
+  }
 }
 
 // Folds the scaled logits z[0, n) of one row into its state and writes the weights
@@ -181,18 +234,14 @@ bool fold_tile(const RowState& st, const float* z, int64_t n, int64_t dim, float
   }
   if (tile_max > *st.m) rebase(st, tile_max, dim);
   const float m = *st.m;
-  float s = 0.f, t = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     const float d = z[j] - m;
     const float ej = std::exp(d);  // exp(-inf) = 0 for masked entries
-    const float fj = ej > 0.f ? ej * d : 0.f;
     e[j] = ej;
-    f[j] = fj;
-    s += ej;
-    t += fj;
+    f[j] = ej > 0.f ? ej * d : 0.f;
   }
-  *st.s += s;
-  *st.t += t;
+  *st.s += pairwise_sum(e, n);
+  *st.t += pairwise_sum(f, n);
   return true;
 }
 
@@ -282,41 +331,54 @@ void logit_tile(const Problem<scalar_t>& p, const TileScratch& sc, WeightTile w,
 
 // ---------------------------------------------------------------- forward
 
-// Fills the partial state of rows [r0, r0 + group) over vocabulary chunk c.
-// Partial layout: stats [chunk][3][group] for (m, s, t); ab [chunk][2][group][D].
+// Fills the partial states of rows [r0, r0 + group) over vocabulary chunk c (see
+// GroupStates for the layout).
+//
+// Direct tiles are folded into a block state that is merged into the chunk's every
+// kBlockRows rows of W: a two-level sum (16 tiles, then 32 blocks) instead of a running
+// one over the chunk's 512 tiles, whose O(sqrt n) rounding the cancellation in
+// B - (t/s) A amplifies (4x plain PyTorch's dH/dh error for all-positive weights).
+// GEMM tiles span the whole chunk, so their state is the chunk's.
 template <typename scalar_t>
-void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_t c, float* stats, float* ab,
-                   bool need_grad) {
+void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_t c, const GroupStates& chunk) {
   const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
+  const bool need_grad = chunk.ab != nullptr;
   TileScratch sc = make_scratch(p, group, tile);
   at::Tensor ef = at::empty({2 * group, tile}, at::kFloat);  // e rows, then e*d rows
-  float* m = stats;
-  float* s = stats + group;
-  float* t = stats + 2 * group;
-  std::fill(m, m + group, kNegInf);
-  std::fill(s, s + 2 * group, 0.f);  // s and t
-  if (need_grad) std::fill(ab, ab + 2 * group * p.dim, 0.f);
   float* ep = ef.data_ptr<float>();
+  at::Tensor block_buf;
+  GroupStates block = chunk;
+  if (!p.gemm) {
+    block_buf = at::empty({(3 + (need_grad ? 2 * p.dim : 0)) * group}, at::kFloat);
+    float* bp = block_buf.data_ptr<float>();
+    block = GroupStates{bp, need_grad ? bp + 3 * group : nullptr, group, p.dim};
+    block.reset();
+  }
+  chunk.reset();
   for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     const int64_t n = std::min(tile, j_end - j0);
     const WeightTile w = weight_tile(p, sc, j0, n);
     logit_tile(p, sc, w, r0, group, j0, n);
     for (int64_t g = 0; g < group; ++g) {
-      float* a = need_grad ? ab + g * p.dim : nullptr;
-      float* b = need_grad ? ab + (group + g) * p.dim : nullptr;
-      const RowState st{m + g, s + g, t + g, a, b};
+      const RowState st = block.row(g);
       float* e = ep + g * tile;
       float* f = ep + (group + g) * tile;
       const bool live = fold_tile(st, sc.z + g * tile, n, p.dim, e, f);
       if (need_grad && live && !p.gemm) {
-        accumulate_rows(a, e, 1, w.ptr, w.ld, n, p.dim);
-        accumulate_rows(b, f, 1, w.ptr, w.ld, n, p.dim);
+        accumulate_rows(st.a, e, 1, w.ptr, w.ld, n, p.dim);
+        accumulate_rows(st.b, f, 1, w.ptr, w.ld, n, p.dim);
       }
     }
     if (need_grad && p.gemm) {
       // [A; B] += [E; F] @ W_tile, after fold_tile has rebased A and B.
-      as_tensor(ab, 2 * group, p.dim, p.dim).addmm_(ef.narrow(1, 0, n), as_tensor(w.ptr, n, p.dim, w.ld));
+      as_tensor(chunk.ab, 2 * group, p.dim, p.dim).addmm_(ef.narrow(1, 0, n), as_tensor(w.ptr, n, p.dim, w.ld));
+    }
+    if (!p.gemm && ((j0 + n - j_begin) % kBlockRows == 0 || j0 + n == j_end)) {
+      for (int64_t g = 0; g < group; ++g) merge_state(chunk.row(g), block.row(g), p.dim);
+      block.reset();
+      // Restart at the chunk's max: the block then rebases only when the max rises.
+      std::copy(chunk.stats, chunk.stats + group, block.stats);
     }
   }
 }
@@ -378,7 +440,8 @@ Problem<scalar_t> make_problem(const at::Tensor& hidden32, const at::Tensor& wei
 }
 
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* lse, float* mu) {
+void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* row_max,
+                  float* log_sum) {
   const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
   const int64_t dim = p.dim;
@@ -389,41 +452,23 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
     float* sp = stats.data_ptr<float>();
     float* abp = need_grad ? ab.data_ptr<float>() : nullptr;
     // Chunk c's partial sits at a fixed offset sized for a full group; inside it the
-    // layout is [3][group] and [2][group][D] (see forward_chunk).
+    // layout is [3][group] and [2][group][D] (see GroupStates).
+    auto chunk_states = [&](int64_t c) {
+      return GroupStates{sp + c * 3 * group_max, need_grad ? abp + c * 2 * group_max * dim : nullptr, group, dim};
+    };
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        forward_chunk(p, r0, group, c, sp + c * 3 * group_max,
-                      need_grad ? abp + c * 2 * group_max * dim : nullptr, need_grad);
+      for (int64_t c = c0; c < c1; ++c) forward_chunk(p, r0, group, c, chunk_states(c));
     });
     // Merge every row's partials in ascending chunk order into chunk 0's slot.
     at::parallel_for(0, group, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
-        auto state = [&](int64_t c) {
-          float* st = sp + c * 3 * group_max;
-          float* a = need_grad ? abp + (c * 2 * group_max + g) * dim : nullptr;
-          float* b = need_grad ? a + group * dim : nullptr;
-          return RowState{st + g, st + group + g, st + 2 * group + g, a, b};
-        };
-        const RowState acc = state(0);
-        for (int64_t c = 1; c < chunks; ++c) {
-          const RowState part = state(c);
-          const float top = std::max(*acc.m, *part.m);
-          if (top == kNegInf) continue;  // both fully masked so far
-          rebase(acc, top, dim);
-          rebase(part, top, dim);
-          *acc.s += *part.s;
-          *acc.t += *part.t;
-          if (need_grad) {
-            const float one = 1.f;
-            accumulate_rows(acc.a, &one, 1, part.a, dim, 1, dim);
-            accumulate_rows(acc.b, &one, 1, part.b, dim, 1, dim);
-          }
-        }
+        const RowState acc = chunk_states(0).row(g);
+        for (int64_t c = 1; c < chunks; ++c) merge_state(acc, chunk_states(c).row(g), dim);
         const int64_t r = r0 + g;
         const float s = *acc.s, ts = *acc.t / s;
         entropy[r] = std::log(s) - ts;
-        lse[r] = *acc.m + std::log(s);
-        mu[r] = *acc.m + ts;
+        row_max[r] = *acc.m;
+        log_sum[r] = std::log(s);
         if (need_grad) {
           // dH/dh = -(B - (t/s) A) / (s tau)
           const float scale = -p.inv_tau / s;
@@ -443,17 +488,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_en
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor entropy = new_output({rows}, f32);
   at::Tensor dh = new_output(need_grad ? at::IntArrayRef{rows, dim} : at::IntArrayRef{0}, f32);
-  at::Tensor lse = new_output({rows}, f32);
-  at::Tensor mu = new_output({rows}, f32);
+  at::Tensor row_max = new_output({rows}, f32);
+  at::Tensor log_sum = new_output({rows}, f32);
   at::Tensor logits = new_output(return_logits ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, hidden.options());
-  if (rows == 0) return {entropy, dh, lse, mu, logits};
+  if (rows == 0) return {entropy, dh, row_max, log_sum, logits};
   const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
   AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
     forward_impl(p, need_grad, entropy.data_ptr<float>(), need_grad ? dh.data_ptr<float>() : nullptr,
-                 lse.data_ptr<float>(), mu.data_ptr<float>());
+                 row_max.data_ptr<float>(), log_sum.data_ptr<float>());
   }));
-  return {entropy, dh, lse, mu, logits};
+  return {entropy, dh, row_max, log_sum, logits};
 }
 
 // ---------------------------------------------------------------- weight gradient
@@ -462,8 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_en
 // coefficients c_rj = g_r (-p_rj (z_rj - mu_r)) / tau are laid out [j][r] so both
 // paths read them as the weights of a sum over hidden rows.
 template <typename scalar_t>
-void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, const float* mu, const float* g_ent,
-                       float* gw, float* gb) {
+void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_max, const float* log_sum,
+                       const float* ent, const float* g_ent, float* gw, float* gb) {
   const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
@@ -482,10 +527,12 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t r = r0 + g;
         const float scale = -g_ent[r] * p.inv_tau;
+        const float mean = log_sum[r] - ent[r];  // t/s = mu - m
         for (int64_t j = 0; j < n; ++j) {
-          const float z = zp[g * tile + j];
-          const float prob = std::exp(z - lse[r]);
-          cp[j * group + g] = prob > 0.f ? scale * prob * (z - mu[r]) : 0.f;
+          // An all-masked row (m = -inf) gives d = NaN, so prob > 0 fails: no contribution.
+          const float d = zp[g * tile + j] - row_max[r];
+          const float prob = std::exp(d - log_sum[r]);
+          cp[j * group + g] = prob > 0.f ? scale * prob * (d - mean) : 0.f;
         }
       }
       const float* h = p.hidden + r0 * p.dim;
@@ -503,13 +550,14 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* lse, 
 
 std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& hidden, const at::Tensor& weight,
                                                               const c10::optional<at::Tensor>& bias,
-                                                              double temperature, const at::Tensor& lse,
-                                                              const at::Tensor& mu, const at::Tensor& grad_entropy,
-                                                              bool need_bias) {
+                                                              double temperature, const at::Tensor& row_max,
+                                                              const at::Tensor& log_sum, const at::Tensor& entropy,
+                                                              const at::Tensor& grad_entropy, bool need_bias) {
   check_inputs(hidden, weight, bias, temperature);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  check_row_stat("lse", lse, rows);
-  check_row_stat("mu", mu, rows);
+  check_row_stat("row_max", row_max, rows);
+  check_row_stat("log_sum", log_sum, rows);
+  check_row_stat("entropy", entropy, rows);
   check_row_stat("grad_entropy", grad_entropy, rows);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gw = new_output(weight.sizes(), f32);
@@ -525,8 +573,9 @@ std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& 
     const int64_t chunks = (vocab + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
-        weight_grad_chunk(p, c, lse.data_ptr<float>(), mu.data_ptr<float>(), grad_entropy.data_ptr<float>(),
-                          gw.data_ptr<float>(), need_bias ? gb.data_ptr<float>() : nullptr);
+        weight_grad_chunk(p, c, row_max.data_ptr<float>(), log_sum.data_ptr<float>(), entropy.data_ptr<float>(),
+                          grad_entropy.data_ptr<float>(), gw.data_ptr<float>(),
+                          need_bias ? gb.data_ptr<float>() : nullptr);
     });
   }));
   return {gw, gb};

@@ -7,7 +7,7 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
     return torch.ops.vreason_C.linear_entropy_fwd(hidden, weight, bias, temperature, need_grad, return_logits)
 
 
-def weight_grad(hidden, weight, bias, temperature: float, lse, mu, grad_entropy, need_bias: bool):
+def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
     return torch.ops.vreason_C.linear_entropy_weight_grad(
-        hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias
+        hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias
     )

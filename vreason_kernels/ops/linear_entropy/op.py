@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_number, check_same, check_tensor
+from vreason_kernels._checks import check_bool, check_number, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 
 def _backend_impl(backend: str):
@@ -51,25 +51,28 @@ def _linear_entropy_weight_grad(
     weight: Tensor,
     bias: Optional[Tensor],
     temperature: float,
-    lse: Tensor,
-    mu: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
+    entropy: Tensor,
     grad_entropy: Tensor,
     need_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _backend_impl(backend).weight_grad(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias)
+    return _backend_impl(backend).weight_grad(
+        hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias
+    )
 
 
 @_linear_entropy_weight_grad.register_fake
-def _(hidden, weight, bias, temperature, lse, mu, grad_entropy, need_bias, backend):
+def _(hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias, backend):
     acc = accumulator_dtype(hidden.dtype)
     return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape[0] if need_bias else 0, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, temperature, _, return_logits, backend = inputs
-    _, dh, lse, mu, _ = output
-    ctx.save_for_backward(hidden, weight, bias, dh, lse, mu)
+    entropy, dh, row_max, log_sum, _ = output
+    ctx.save_for_backward(hidden, weight, bias, dh, row_max, log_sum, entropy)
     ctx.temperature, ctx.return_logits, ctx.backend = temperature, return_logits, backend
     # Unused outputs then reach the backward as None rather than zeros: logits returned
     # for sampling only must not cost a second read of W in the backward.
@@ -80,20 +83,24 @@ def _sum(a: Optional[Tensor], b: Tensor) -> Tensor:
     return b if a is None else a + b
 
 
-def _backward(ctx, g_entropy, _g_dh, _g_lse, _g_mu, g_logits):
-    hidden, weight, bias, dh, lse, mu = ctx.saved_tensors
+def _backward(ctx, g_entropy, _g_dh, _g_row_max, _g_log_sum, g_logits):
+    hidden, weight, bias, dh, row_max, log_sum, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    acc = entropy.dtype
     grad_hidden = grad_weight = grad_bias = None
     if g_entropy is not None:
         if need_hidden:
-            grad_hidden = g_entropy.to(dh.dtype).unsqueeze(-1) * dh
+            grad_hidden = g_entropy.to(acc).unsqueeze(-1) * dh
         if need_weight or need_bias:
+            # Gradients come in any layout: stride 0 from .sum()/.mean(), views, ...;
+            # the kernels read a dense [R] vector.
             grad_weight, grad_bias = _linear_entropy_weight_grad(
-                hidden, weight, bias, ctx.temperature, lse, mu, g_entropy.to(lse.dtype), need_bias, ctx.backend
+                hidden, weight, bias, ctx.temperature, row_max, log_sum, entropy,
+                g_entropy.to(acc).contiguous(), need_bias, ctx.backend,
             )
     if g_logits is not None:
         # Returned logits are W h + b, an ordinary linear layer's output.
-        g = g_logits.to(lse.dtype)
+        g = g_logits.to(acc)
         if need_hidden:
             grad_hidden = _sum(grad_hidden, g @ weight.to(g.dtype))
         if need_weight:
@@ -114,7 +121,7 @@ def _backward(ctx, g_entropy, _g_dh, _g_lse, _g_mu, g_logits):
 _linear_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(hidden, weight, bias, temperature) -> None:
+def _check_args(hidden, weight, bias, temperature, return_logits) -> None:
     check_tensor("hidden", hidden, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if bias is not None:
@@ -133,6 +140,7 @@ def _check_args(hidden, weight, bias, temperature) -> None:
     check_same("dtype", "hidden", hidden, [("weight", weight), ("bias", bias)])
     check_same("device", "hidden", hidden, [("weight", weight), ("bias", bias)])
     check_number("temperature", temperature, low=0.0, low_open=True)
+    check_bool("return_logits", return_logits)
 
 
 def linear_entropy(
@@ -159,9 +167,20 @@ def linear_entropy(
 
     Returns:
         ``entropy [...]`` as float32, or ``(entropy, logits)``. Differentiable in
-        ``hidden``, and in ``weight``/``bias`` when they require grad.
+        ``hidden``, and in ``weight``/``bias`` when they require grad; the backward
+        takes gradients of any layout (expanded by ``.sum()``, strided, dense).
+
+    Edge cases (the same in every backend; checking them would cost a device sync):
+        * Zero rows (``hidden [..., 0, D]``): empty entropy and logits, zero dW/db.
+        * A row whose logits are all -inf has no distribution: its entropy and its
+          dH/dh are NaN, and it adds nothing to dW/db. Other rows are unaffected.
+        * NaN/Inf in a row of ``hidden`` make that row's entropy and hidden gradient
+          NaN (other rows stay exact); dW, a sum over rows, then holds NaN too. A NaN
+          in ``weight`` or ``bias`` reaches every row. Never an error or a hang.
+        * Tiny or huge temperatures give finite results: 0 for a strict argmax as
+          tau -> 0, log V as tau -> inf.
     """
-    _check_args(hidden, weight, bias, temperature)
+    _check_args(hidden, weight, bias, temperature, return_logits)
     resolved = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64:
         if backend == "auto":

@@ -135,7 +135,7 @@ def _forward_partials_kernel(
         z = logits / tau
         m_new = tl.maximum(m, tl.max(z, axis=1))
         r, delta = _rescale(m, m_new)
-        live = z > _NEG_INF
+        live = z != _NEG_INF  # a NaN logit stays live, so that it makes the row's H NaN
         m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
         zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
         e = tl.where(live, tl.exp(zc), 0.0)
@@ -181,7 +181,7 @@ def _update_moments(w_ptr, a_ptr, bb_ptr, slab, row_ok, row_has_prev, cols, V, D
 @triton.jit
 def _merge_kernel(
     m_ptr, s_ptr, t_ptr, a_ptr, bb_ptr,
-    entropy_ptr, lse_ptr, mu_ptr, dh_ptr,
+    entropy_ptr, row_max_ptr, log_sum_ptr, dh_ptr,
     R, D, SPLITS, tau,
     NEED_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -194,11 +194,12 @@ def _merge_kernel(
 
     so ``S``, ``T``, ``A``, ``B`` are the whole-vocabulary sums relative to M, and
 
-        H = log S - T/S,   lse = M + log S,   mu = M + T/S,
+        H = log S - T/S,   mu = M + T/S,
         dH/dh = sum_j -p_j (z_j - mu) w_j / tau = -(B - (T/S) A) / (S tau).
 
     H is taken from the relative sums, not as lse - mu, which would cancel catastrophically
-    for logits of magnitude 1e4. Program (i, 0) also writes the row statistics.
+    for logits of magnitude 1e4. Program (i, 0) also writes the row statistics M and
+    log S (lse = M + log S), kept apart for the same reason (see ``_weight_grad_kernel``).
     """
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -220,8 +221,8 @@ def _merge_kernel(
     if pid_d == 0:
         log_s = tl.log(total_s)
         tl.store(entropy_ptr + rows, log_s - mean, mask=row_ok)
-        tl.store(lse_ptr + rows, m_max + log_s, mask=row_ok)
-        tl.store(mu_ptr + rows, m_max + mean, mask=row_ok)
+        tl.store(row_max_ptr + rows, m_max, mask=row_ok)
+        tl.store(log_sum_ptr + rows, log_s, mask=row_ok)
     if NEED_GRAD:
         ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (ds < D)[None, :]
@@ -249,15 +250,19 @@ def _merge_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    h_ptr, w_ptr, b_ptr, lse_ptr, mu_ptr, g_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, row_max_ptr, log_sum_ptr, entropy_ptr, g_ptr, dw_ptr, db_ptr,
     R, V, D, stride_w, tau,
     HAS_BIAS: tl.constexpr, NEED_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One ``[BLOCK_V, BLOCK_D]`` tile of dW (and db), summed over every row in order:
 
-        G[r, j] = g_r dH_r/dz_rj / tau = -g_r p_rj (z_rj - mu_r) / tau,  p_rj = e^{z_rj - lse_r}
+        G[r, j] = g_r dH_r/dz_rj / tau = -g_r p_rj (z_rj - mu_r) / tau
         dW[j, :] = sum_r G[r, j] h_r        db[j] = sum_r G[r, j]
+
+    computed relative to the row max M as ``p = e^{d - log S}``, ``z - mu = d - (log S - H)``
+    with ``d = z - M``: the absolute lse and mu, rounded to fp32, would each add ulp(M)
+    to every coefficient (2-3x plain PyTorch's error for logits near 1000).
 
     The program owns its tile outright (no atomics). G is zero wherever p = 0 (masked
     vocabulary, padding rows), set by ``where`` so that 0 * inf never appears.
@@ -273,12 +278,16 @@ def _weight_grad_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, R, V, D, stride_w, HAS_BIAS, BLOCK_D, PRECISION) / tau
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
+        row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+        log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
+        mean = log_sum - tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)  # mu - M
         scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / tau
+        # An all-masked row (M = -inf) has no live entry, so it adds nothing.
         live = (z > _NEG_INF) & row_ok[:, None]
-        p = tl.where(live, tl.exp(z - lse[:, None]), 0.0)
-        grad = -p * tl.where(live, z - mu[:, None], 0.0) * scale[:, None]
+        d = tl.where(live, z - row_max[:, None], 0.0)
+        p = tl.where(live, tl.exp(d - log_sum[:, None]), 0.0)
+        # where, not a product with p = 0: mean is NaN on all-masked rows.
+        grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
         h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         dw = tl.dot(tl.trans(grad), h.to(tl.float32), dw, input_precision=PRECISION)
         if NEED_BIAS:
@@ -370,7 +379,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, num_splits=None):
-    """(entropy f32 [R], dH/dh f32 [R, D] | [0], lse f32 [R], mu f32 [R], logits [R, V] | [0]).
+    """(entropy f32 [R], dH/dh f32 [R, D] | [0], row_max f32 [R], log_sum f32 [R], logits [R, V] | [0]).
 
     ``num_splits`` overrides the vocabulary split count (tests of the merge); by default
     it comes from ``_num_splits``.
@@ -379,11 +388,11 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
     vocab = weight.shape[0]
     device = hidden.device
     f32 = dict(dtype=torch.float32, device=device)
-    entropy, lse, mu = (new_output((rows,), **f32) for _ in range(3))
+    entropy, row_max, log_sum = (new_output((rows,), **f32) for _ in range(3))
     dh = new_output((rows, dim) if need_grad else (0,), **f32)
     logits = new_output((rows, vocab) if return_logits else (0,), dtype=hidden.dtype, device=device)
     if rows == 0:
-        return entropy, dh, lse, mu, logits
+        return entropy, dh, row_max, log_sum, logits
 
     blocks = _forward_blocks(rows)
     if num_splits is None:
@@ -406,14 +415,14 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
     grid = (triton.cdiv(rows, merge["BLOCK_R"]), triton.cdiv(dim, merge["BLOCK_D"]) if need_grad else 1)
     _merge_kernel[grid](
         stats[0], stats[1], stats[2], moments[0], moments[1],
-        entropy, lse, mu, dh if need_grad else entropy,
+        entropy, row_max, log_sum, dh if need_grad else entropy,
         rows, dim, num_splits, float(temperature),
         NEED_GRAD=need_grad, **merge,
     )
-    return entropy, dh, lse, mu, logits
+    return entropy, dh, row_max, log_sum, logits
 
 
-def weight_grad(hidden, weight, bias, temperature: float, lse, mu, grad_entropy, need_bias: bool):
+def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
     """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau (f32 [V, D]), db_j = sum_r g_r dH_r/dz_rj / tau (f32 [V] | [0])."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -425,7 +434,7 @@ def weight_grad(hidden, weight, bias, temperature: float, lse, mu, grad_entropy,
     blocks = _weight_grad_blocks()
     grid = (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(dim, blocks["BLOCK_D"]))
     _weight_grad[grid](
-        hidden, weight, hidden if bias is None else bias, lse, mu, grad_entropy.contiguous(),
+        hidden, weight, hidden if bias is None else bias, row_max, log_sum, entropy, grad_entropy,
         grad_weight, grad_bias if need_bias else grad_weight,
         rows, vocab, dim, weight.stride(0), float(temperature),
         HAS_BIAS=bias is not None, NEED_BIAS=need_bias, PRECISION=_precision(hidden.dtype), **blocks,
