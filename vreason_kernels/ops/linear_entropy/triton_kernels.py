@@ -43,7 +43,8 @@ import triton.language as tl
 from vreason_kernels._alloc import new_output
 from vreason_kernels.backend import triton_interpreted
 
-_NEG_INF = float("-inf")
+# Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
+_NEG_INF = tl.constexpr(float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------

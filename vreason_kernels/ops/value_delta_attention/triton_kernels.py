@@ -46,7 +46,9 @@ from vreason_kernels._alloc import new_output
 from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.value_delta_attention.naive import EPS
 
-_NEG_INF = float("-inf")
+# Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
+_NEG_INF = tl.constexpr(float("-inf"))
+_EPS = tl.constexpr(EPS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, str
 @triton.jit
 def _norms(v, u):
     """``(||v||, n = max(||u||, eps))`` per row; sqrt is a plain instruction, not libdevice."""
-    return tl.sqrt(tl.sum(v * v, axis=1)), tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), EPS)
+    return tl.sqrt(tl.sum(v * v, axis=1)), tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), _EPS)
 
 
 @triton.jit
