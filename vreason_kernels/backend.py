@@ -7,6 +7,7 @@
 - ``"torch"``: the pure-PyTorch reference, the spec the fused paths must match.
 """
 
+import functools
 import importlib
 import os
 
@@ -19,6 +20,16 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sm_count_or_none(device: torch.device):
+    """The CUDA device's SM count (the launchers size their grids by it), or None off CUDA."""
+    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -34,14 +34,12 @@ the autotuner (CUDA only) chooses among pipelining depths (``num_stages``), whic
 the schedule but not the arithmetic, so its timing-based pick cannot change the bits.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from vreason_kernels._alloc import new_output
-from vreason_kernels.backend import triton_interpreted
+from vreason_kernels.backend import sm_count_or_none, triton_interpreted
 
 # Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -335,17 +333,12 @@ def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, **_) -> int:
     return 8 if BLOCK_R * max(BLOCK_V, BLOCK_D) >= 64 * 128 else 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, device: torch.device) -> int:
+def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, sm_count) -> int:
     """Vocabulary splits: enough programs to fill the GPU twice over, at least one tile each.
 
-    A function of the shapes (and the device's SM count) only, never of timing.
+    A function of the shapes (and the device's SM count; None = interpreter) only, never of timing.
     """
-    programs = _INTERPRETER_SPLITS if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+    programs = _INTERPRETER_SPLITS if sm_count is None else 2 * sm_count
     return max(1, min(triton.cdiv(programs, triton.cdiv(rows, block_r)), triton.cdiv(vocab, block_v)))
 
 
@@ -355,12 +348,19 @@ def _keep_shape_warps(configs, named_args, **kwargs):
     return [c for c in configs if c.num_warps == want]
 
 
+def _autotune_configs() -> list:
+    """Every config the autotuner may try (before ``_keep_shape_warps``); one under the interpreter."""
+    if triton_interpreted():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
 def _tuned(*, key):
     """Autotune over pipelining depth on CUDA; exactly one config under the interpreter."""
     if triton_interpreted():
-        return triton.autotune(configs=[triton.Config({}, num_warps=4, num_stages=1)], key=[])
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _keep_shape_warps})
+        return triton.autotune(configs=_autotune_configs(), key=[])
+    return triton.autotune(configs=_autotune_configs(), key=key,
+                           prune_configs_by={"early_config_prune": _keep_shape_warps})
 
 
 _forward_partials = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_GRAD", "STORE_LOGITS"])(
@@ -397,7 +397,7 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
 
     blocks = _forward_blocks(rows)
     if num_splits is None:
-        num_splits = _num_splits(rows, vocab, blocks["BLOCK_R"], blocks["BLOCK_V"], device)
+        num_splits = _num_splits(rows, vocab, blocks["BLOCK_R"], blocks["BLOCK_V"], sm_count_or_none(device))
     # Whole tiles per split, then drop splits left empty by the rounding: each split is non-empty.
     chunk = triton.cdiv(triton.cdiv(vocab, num_splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
     num_splits = triton.cdiv(vocab, chunk)

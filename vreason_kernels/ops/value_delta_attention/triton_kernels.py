@@ -36,14 +36,12 @@ backward's ``P = e^{s - lse}`` is then e^{-inf} = 0 (see ``_finite_or_zero``) (a
 finite lse), so those rows get zero gradients without a special case.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from vreason_kernels._alloc import new_output
-from vreason_kernels.backend import triton_interpreted
+from vreason_kernels.backend import sm_count_or_none, triton_interpreted
 from vreason_kernels.ops.value_delta_attention.naive import EPS
 
 # Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
@@ -387,14 +385,10 @@ def _launch_opts(blocks: dict) -> dict:
                 num_stages=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _chunk(programs: int, n: int, block_n: int, device: torch.device) -> int:
-    """Keys per split: enough splits to fill the GPU twice over, each a whole number of tiles."""
-    target = 3 if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+def _chunk(programs: int, n: int, block_n: int, sm_count) -> int:
+    """Keys per split: enough splits to fill the GPU twice over (sm_count None: the
+    interpreter's 3), each a whole number of tiles."""
+    target = 3 if sm_count is None else 2 * sm_count
     splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(n, block_n)))
     return triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
 
@@ -438,7 +432,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     blocks = _blocks(g * t, d)
     row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
     if num_splits is None:
-        chunk = _chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], query.device)
+        chunk = _chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], sm_count_or_none(query.device))
     else:
         chunk = triton.cdiv(triton.cdiv(n, num_splits), blocks["BLOCK_N"]) * blocks["BLOCK_N"]
     splits = triton.cdiv(n, chunk)
@@ -478,7 +472,7 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
                   **blocks, **_launch_opts(blocks))
     # Decode: few key chunks, each summing its dQ partial over many tiles; prefill: one
     # key tile per program, which then loops over thousands of rows.
-    chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], device) if fuse_dq else blocks["BLOCK_N"]
+    chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], sm_count_or_none(device)) if fuse_dq else blocks["BLOCK_N"]
     chunks = triton.cdiv(n, chunk)
     dq_parts = torch.empty((chunks, b * hkv * g * t * d) if fuse_dq else (0,), **f32)  # fully written
     if has_delta or fuse_dq:
