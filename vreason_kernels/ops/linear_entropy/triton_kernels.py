@@ -342,6 +342,18 @@ def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, sm_count) -> 
     return max(1, min(triton.cdiv(programs, triton.cdiv(rows, block_r)), triton.cdiv(vocab, block_v)))
 
 
+def _split_plan(rows: int, vocab: int, blocks: dict, sm_count, num_splits=None) -> tuple:
+    """(vocabulary rows per split, split count) for the partials kernel's grid.
+
+    Whole tiles per split, then the splits left empty by the rounding are dropped, so
+    every split is non-empty. ``num_splits`` overrides ``_num_splits`` (tests of the merge).
+    """
+    if num_splits is None:
+        num_splits = _num_splits(rows, vocab, blocks["BLOCK_R"], blocks["BLOCK_V"], sm_count)
+    chunk = triton.cdiv(triton.cdiv(vocab, num_splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    return chunk, triton.cdiv(vocab, chunk)
+
+
 def _keep_shape_warps(configs, named_args, **kwargs):
     """Autotune prune: keep the configs whose num_warps the tile shape asks for (see module doc)."""
     want = _num_warps(**kwargs)
@@ -396,11 +408,7 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
         return entropy, dh, row_max, log_sum, logits
 
     blocks = _forward_blocks(rows)
-    if num_splits is None:
-        num_splits = _num_splits(rows, vocab, blocks["BLOCK_R"], blocks["BLOCK_V"], sm_count_or_none(device))
-    # Whole tiles per split, then drop splits left empty by the rounding: each split is non-empty.
-    chunk = triton.cdiv(triton.cdiv(vocab, num_splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
-    num_splits = triton.cdiv(vocab, chunk)
+    chunk, num_splits = _split_plan(rows, vocab, blocks, sm_count_or_none(device), num_splits)
     stats = torch.empty((3, num_splits, rows), **f32)  # fully written by the partials kernel
     # Without a gradient the moment pointers are never read: stats stands in for them.
     moments = torch.empty((2, num_splits, rows, dim), **f32) if need_grad else stats[:2]
