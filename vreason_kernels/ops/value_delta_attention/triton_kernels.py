@@ -367,22 +367,28 @@ def _backward_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 # Interpreter tiles are small so that test shapes (N ~ 70-300) still span several tiles
-# and splits; GPU tiles are FA2's for D = 128.
+# and splits.
 _MAX_FUSED_ROWS = 64
 
 
 def _blocks(rows: int, dim: int) -> dict:
     """Tiles (tl.dot needs every dim >= 16). All packed rows of a group in one tile when
-    they fit (decode), so each K/V tile is loaded once for the whole group."""
+    they fit (decode), so each K/V tile is loaded once for the whole group.
+
+    Key tiles are 32 wide on the GPU (16 for decode at D <= 64): K, V, V' and delta are
+    upcast to fp32 at load, and 64-key tiles spilled registers on the decode path and
+    overflowed A100 shared memory in prefill (benchmarks/results/triton_resources.md).
+    """
     interpreted = triton_interpreted()
-    block_m = max(16, triton.next_power_of_2(rows)) if rows <= _MAX_FUSED_ROWS else (16 if interpreted else 64)
-    return dict(BLOCK_M=block_m, BLOCK_N=16 if interpreted else 64, BLOCK_D=max(16, triton.next_power_of_2(dim)))
+    fused = rows <= _MAX_FUSED_ROWS
+    block_m = max(16, triton.next_power_of_2(rows)) if fused else (16 if interpreted else 64)
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_n = 16 if interpreted or (fused and block_d <= 64) else 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
 
 
-def _launch_opts(blocks: dict) -> dict:
-    # fp32 K/V' tiles of 64 x 128 are 32 KB each: 8 warps keep them in registers.
-    return dict(num_warps=8 if blocks["BLOCK_D"] * max(blocks["BLOCK_M"], blocks["BLOCK_N"]) >= 64 * 128 else 4,
-                num_stages=2)
+# 8 warps for every tile: with 4, ptxas spilled even the 16 x 64 fp32 decode tiles.
+_LAUNCH_OPTS = dict(num_warps=8, num_stages=2)
 
 
 def _chunk(programs: int, n: int, block_n: int, sm_count) -> int:
@@ -440,7 +446,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     acc = torch.empty((splits, b * hkv * g * t * d) if splits > 1 else (0,), **f32)  # fully written
     ml = torch.empty((splits, b * hkv * g * t, 2) if splits > 1 else (0,), **f32)
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
-    opts = _launch_opts(blocks)
+    opts = _LAUNCH_OPTS
     _forward_kernel[(b * hkv, row_tiles, splits)](
         query, *args["pointers"], out, lse, acc, ml,
         hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
@@ -469,7 +475,7 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     fuse_dq = g * t <= blocks["BLOCK_M"]
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
     common = dict(HAS_BIAS=attn_bias is not None, CAUSAL=causal, PRECISION=_precision(query.dtype),
-                  **blocks, **_launch_opts(blocks))
+                  **blocks, **_LAUNCH_OPTS)
     # Decode: few key chunks, each summing its dQ partial over many tiles; prefill: one
     # key tile per program, which then loops over thousands of rows.
     chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], sm_count_or_none(device)) if fuse_dq else blocks["BLOCK_N"]
