@@ -364,7 +364,8 @@ def _autotune_configs() -> list:
     """Every config the autotuner may try (before ``_keep_shape_warps``); one under the interpreter."""
     if triton_interpreted():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    # 4 stages overflowed A100 shared memory at fp32 (benchmarks/results/triton_resources.md).
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
 def _tuned(*, key):
@@ -407,19 +408,26 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
     if rows == 0:
         return entropy, dh, row_max, log_sum, logits
 
-    blocks = _forward_blocks(rows)
-    chunk, num_splits = _split_plan(rows, vocab, blocks, sm_count_or_none(device), num_splits)
+    from vreason_kernels.ops.linear_entropy import triton_decode  # imports this module
+
+    decode = triton_decode.decode_kernel_applies(rows, dim)
+    blocks = triton_decode.decode_blocks(dim) if decode else _forward_blocks(rows)
+    chunk, num_splits = _split_plan(rows, vocab, dict(blocks, BLOCK_R=1) if decode else blocks,
+                                    sm_count_or_none(device), num_splits)
     stats = torch.empty((3, num_splits, rows), **f32)  # fully written by the partials kernel
     # Without a gradient the moment pointers are never read: stats stands in for them.
     moments = torch.empty((2, num_splits, rows, dim), **f32) if need_grad else stats[:2]
-    grid = (triton.cdiv(rows, blocks["BLOCK_R"]), num_splits)
-    _forward_partials[grid](
-        hidden, weight, hidden if bias is None else bias, logits if return_logits else hidden,
-        stats[0], stats[1], stats[2], moments[0], moments[1],
-        rows, vocab, dim, weight.stride(0), float(temperature), chunk,
-        HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
-        PRECISION=_precision(hidden.dtype), **blocks,
-    )
+    if decode:
+        triton_decode.launch_partials(hidden, weight, bias, logits, stats, moments, temperature, chunk, blocks,
+                                      need_grad, return_logits)
+    else:
+        _forward_partials[(triton.cdiv(rows, blocks["BLOCK_R"]), num_splits)](
+            hidden, weight, hidden if bias is None else bias, logits if return_logits else hidden,
+            stats[0], stats[1], stats[2], moments[0], moments[1],
+            rows, vocab, dim, weight.stride(0), float(temperature), chunk,
+            HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
+            PRECISION=_precision(hidden.dtype), **blocks,
+        )
     merge = _merge_blocks()
     grid = (triton.cdiv(rows, merge["BLOCK_R"]), triton.cdiv(dim, merge["BLOCK_D"]) if need_grad else 1)
     _merge_kernel[grid](

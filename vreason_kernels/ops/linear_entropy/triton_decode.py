@@ -1,0 +1,130 @@
+"""The T=1 (decode) partials kernel of ``linear_entropy``: W streamed once, A/B on chip.
+
+Same sums as ``triton_kernels._forward_partials_kernel`` (DESIGN.md §2.1), for one row::
+
+    s = sum e^{z_j - m}        t = sum e^{z_j - m} (z_j - m)
+    A = sum e^{z_j - m} w_j    B = sum e^{z_j - m} (z_j - m) w_j
+
+Why a kernel of its own: the general kernel tiles rows for ``tl.dot`` (16 at least), so at
+T=1 it keeps A/B in a global scratch slab and re-reads each W tile for the A/B update.
+Per vocabulary tile that is a read-modify-write of ``2 D`` fp32 values (0.5 byte of slab
+traffic per byte of bf16 W at BLOCK_V=16) plus the W re-read, all of which must stay in
+L2 (benchmarks/results/triton_resources.md). Here one program holds the whole row:
+``h``, ``A`` and ``B`` are ``[BLOCK_D >= D]`` register tensors, each ``[BLOCK_V, D]`` W tile
+is loaded once and used for the logits (a GEMV: ``sum(w * h)``) and for the A/B update
+while still in registers, and the program writes its (m, s, t, A, B) once at the end, in
+the slab layout ``_merge_kernel`` folds (``[split, row=0, :]``). HBM sees W once plus
+``2 x splits x D`` fp32 partials (about 1% of W for the 7B head).
+
+No ``tl.dot``: the products and sums are plain fp32 FMAs, so fp32 inputs get fp32 (not
+tf32) products as well.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from vreason_kernels.ops.linear_entropy.triton_kernels import _NEG_INF, _rescale
+
+# Elements of one W tile: 16K values (32 KB of bf16) keeps a few loads in flight per SM
+# without the tile crowding out h/A/B from the registers.
+_TILE_ELEMENTS = 16384
+# Double-buffered W tiles: 64 KB of shared memory for bf16, 128 KB for fp32.
+NUM_STAGES = 2
+
+
+@triton.jit
+def _decode_partials_kernel(
+    h_ptr, w_ptr, b_ptr, logits_ptr,
+    m_ptr, s_ptr, t_ptr, a_ptr, bb_ptr,
+    V, D, stride_w, tau, chunk,
+    HAS_BIAS: tl.constexpr, NEED_GRAD: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online softmax statistics of vocabulary rows ``[split chunk, (split + 1) chunk)`` for one hidden row.
+
+    Per tile, with ``m' = max(m, max_j z_j)`` and ``r = e^{m - m'}`` (DESIGN.md §2.1):
+    ``t <- r (t + (m - m') s) + sum e (z - m')``, ``s <- r s + sum e``,
+    ``B <- r (B + (m - m') A) + sum_j e_j (z_j - m') w_j``, ``A <- r A + sum_j e_j w_j``.
+    Masked entries (z = -inf, or past the chunk) get weight exactly 0.
+    """
+    split = tl.program_id(0)
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    h = tl.load(h_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+    v_start = split * chunk
+    v_end = tl.minimum(v_start + chunk, V)
+
+    m = tl.full((1,), _NEG_INF, dtype=tl.float32)
+    s = tl.zeros((1,), dtype=tl.float32)
+    t = tl.zeros((1,), dtype=tl.float32)
+    a = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + ds[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        logits = tl.sum(w * h[None, :], axis=1)
+        if HAS_BIAS:
+            logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        logits = tl.where(col_ok, logits, _NEG_INF)
+        if STORE_LOGITS:
+            tl.store(logits_ptr + cols, logits.to(logits_ptr.dtype.element_ty), mask=col_ok)
+        z = logits / tau
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        r, delta = _rescale(m, m_new)
+        live = z > _NEG_INF
+        m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)
+        zc = tl.where(live, z - m_live, 0.0)
+        e = tl.where(live, tl.exp(zc), 0.0)
+        ez = e * zc
+        if NEED_GRAD:
+            b = r * (b + delta * a) + tl.sum(ez[:, None] * w, axis=0)
+            a = r * a + tl.sum(e[:, None] * w, axis=0)
+        t = r * (t + delta * s) + tl.sum(ez, axis=0)
+        s = r * s + tl.sum(e, axis=0)
+        m = m_new
+    one = tl.arange(0, 1)
+    tl.store(m_ptr + split + one, m)
+    tl.store(s_ptr + split + one, s)
+    tl.store(t_ptr + split + one, t)
+    if NEED_GRAD:
+        slab = split.to(tl.int64) * D + ds
+        tl.store(a_ptr + slab, a, mask=d_ok)
+        tl.store(bb_ptr + slab, b, mask=d_ok)
+
+
+def decode_blocks(dim: int) -> dict:
+    """The whole row in one tile (BLOCK_D >= D), BLOCK_V rows of W per load; from
+    D = 8192 one row per load (two spilled registers even at 16 warps)."""
+    block_d = triton.next_power_of_2(dim)
+    return dict(BLOCK_V=1 if block_d >= 8192 else _TILE_ELEMENTS // block_d, BLOCK_D=block_d)
+
+
+def decode_num_warps(BLOCK_D, **_) -> int:
+    # h, A, B are 3 BLOCK_D fp32 vectors spread over the block: 16 warps keep D = 8192 at
+    # 48 registers per thread for them, leaving room for the W tile.
+    return 16 if BLOCK_D >= 8192 else 8
+
+
+# h, A and B live in registers: compiled without spills up to this D (the §6 heads' largest).
+MAX_DIM = 8192
+
+
+def decode_kernel_applies(rows: int, dim: int) -> bool:
+    """T=1 takes this kernel; VREASON_LINEAR_ENTROPY_DECODE_KERNEL=0 selects the general one
+    (kept for A/B timing on a GPU: the choice rests on the bytes model, not on a measurement)."""
+    return rows == 1 and dim <= MAX_DIM and os.environ.get("VREASON_LINEAR_ENTROPY_DECODE_KERNEL", "1") != "0"
+
+
+def launch_partials(hidden, weight, bias, logits, stats, moments, temperature, chunk, blocks, need_grad, return_logits):
+    """Write one split's (m, s, t) to ``stats[:, split, 0]`` and (A, B) to ``moments[:, split, 0]``."""
+    _decode_partials_kernel[(stats.shape[1],)](
+        hidden, weight, hidden if bias is None else bias, logits if return_logits else hidden,
+        stats[0], stats[1], stats[2], moments[0], moments[1],
+        weight.shape[0], hidden.shape[1], weight.stride(0), float(temperature), chunk,
+        HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
+        num_warps=decode_num_warps(**blocks), num_stages=NUM_STAGES, **blocks,
+    )
