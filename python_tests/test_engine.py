@@ -61,6 +61,23 @@ def test_fused_matches_reference_tiny_llama(llama, name):
     assert not torch.equal(plain.entropy, fused.entropy), "the controller changed nothing"
 
 
+def test_ema_init_zero_climbs_before_it_peaks_and_matches_reference(llama):
+    config = vk.VReasonConfig(lr=0.05, ema_init="zero", ema_beta=0.8)
+    ids = _prompt(llama.config.vocab_size, 19, 14)
+    fused = vk.generate(llama, ids, config=config, max_new_tokens=NEW)
+    assert_same_run(fused, vk.reference.generate(llama, ids, config=config, max_new_tokens=NEW))
+    h, ema = fused.entropy[0].double(), fused.entropy_ema[0].double()
+    # H_ema_k = (1 - β) Σ_j β^(k-j) H_j from H_ema_0 = 0 (no bias correction).
+    weights = (1 - 0.8) * 0.8 ** torch.arange(NEW, dtype=torch.float64)
+    expected = torch.stack([(weights[:k].flip(0) * h[:k]).sum() for k in range(1, NEW + 1)])
+    torch.testing.assert_close(ema, expected, atol=1e-5, rtol=1e-5)
+    # It climbs from 0, so the first tokens are at a new peak: α = +1 (exploration).
+    assert (fused.alpha[0, :3] == 1).all() and int(ema.argmax()) > 0
+    first = vk.generate(llama, ids, config=vk.VReasonConfig(lr=0.05, ema_beta=0.8), max_new_tokens=NEW)
+    assert fused.entropy_ema[0, 0] == pytest.approx(0.2 * float(fused.entropy[0, 0]), rel=1e-6)
+    assert first.entropy_ema[0, 0] == first.entropy[0, 0]
+
+
 def test_fused_matches_reference_non_last_layer(llama):
     config = vk.VReasonConfig(lr=0.05, layer=1)
     ids = _prompt(llama.config.vocab_size, 17, 2)
@@ -198,6 +215,7 @@ def test_model_restored_after_generate_and_after_an_exception(llama):
         (dict(steps=0), ValueError, "steps"),
         (dict(every=1.5), TypeError, "every"),
         (dict(ema_beta=1.0), ValueError, "ema_beta"),
+        (dict(ema_init="one"), ValueError, "ema_init"),
         (dict(keep_ratio=0.0), ValueError, "keep_ratio"),
         (dict(max_delta_norm=-1.0), ValueError, "max_delta_norm"),
         (dict(optimizer="rmsprop"), ValueError, "optimizer"),

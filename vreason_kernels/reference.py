@@ -110,7 +110,9 @@ def generate(
             with torch.set_grad_enabled(update):
                 entropy = entropy_of(logits)
             h = entropy.detach()
-            ema = h.clone() if ema is None else config.ema_beta * ema + (1 - config.ema_beta) * h
+            if ema is None:
+                ema = h.clone() if config.ema_init == "first" else torch.zeros_like(h)
+            ema = config.ema_beta * ema + (1 - config.ema_beta) * h
             peak = ema.clone() if peak is None else torch.maximum(peak, ema)
             alpha = torch.where(ema < peak, -1.0, 1.0)
             if update:

@@ -9,6 +9,7 @@ from vreason_kernels._checks import check_bool, check_int, check_number
 from vreason_kernels.backend import BACKENDS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+EMA_INITS = ("first", "zero")
 
 OptimizerSpec = Union[str, Callable[[list, float], torch.optim.Optimizer]]
 
@@ -27,8 +28,12 @@ class VReasonConfig:
             only the controlled layer(s) and the head, never the cache.
         every: run an update every ``every`` decode forwards (default ``1``, the most
             accurate and most costly setting).
-        ema_beta: ``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (default ``0.9``); the EMA
-            starts at the first token's entropy.
+        ema_beta: ``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (default ``0.9``).
+        ema_init: how the EMA starts (default ``"first"``). ``"first"``: ``H_ema_1 = H_1``,
+            so when the first token is the most uncertain one the peak is at token 1 and
+            ``α = -1`` from then on. ``"zero"``: ``H_ema_0 = 0`` with no bias correction,
+            so the EMA climbs for about ``1 / (1 - β)`` tokens (``α = +1``, exploration)
+            before it can peak.
         optimizer: ``"adam"`` (default), ``"adamw"``, ``"sgd"``, or a callable
             ``(params, lr) -> torch.optim.Optimizer``. Optimizers must act elementwise
             (all of these do) so that the samples of a batch stay independent.
@@ -48,6 +53,7 @@ class VReasonConfig:
     steps: int = 1
     every: int = 1
     ema_beta: float = 0.9
+    ema_init: str = "first"
     optimizer: OptimizerSpec = "adam"
     layer: Optional[int] = None
     keep_ratio: float = 1.0
@@ -60,6 +66,8 @@ class VReasonConfig:
         check_int("steps", self.steps, low=1)
         check_int("every", self.every, low=1)
         check_number("ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
+        if self.ema_init not in EMA_INITS:
+            raise ValueError(f"ema_init must be one of {EMA_INITS}, got {self.ema_init!r}")
         if not (callable(self.optimizer) or self.optimizer in OPTIMIZERS):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr), got {self.optimizer!r}")
         if self.layer is not None:

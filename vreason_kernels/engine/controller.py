@@ -19,18 +19,22 @@ from vreason_kernels.ops.linear_entropy import linear_entropy
 
 
 class EntropySwitch:
-    """``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (starting at ``H_1``), its running peak,
-    and ``α_k = -1`` if ``H_ema_k < peak_k`` else ``+1``, per sample."""
+    """``H_ema_k = β H_ema_{k-1} + (1 - β) H_k``, its running peak, and ``α_k = -1`` if
+    ``H_ema_k < peak_k`` else ``+1``, per sample. The EMA starts at ``H_1`` (``init="first"``)
+    or at ``H_ema_0 = 0`` (``init="zero"``, no bias correction: it climbs before it peaks)."""
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float, init: str = "first"):
         self.beta = beta
+        self.init = init
         self.ema = None
         self.peak = None
 
     def observe(self, entropy: torch.Tensor):
         """Feed ``H_k [B]``; return ``(H_ema_k, α_k)``, both ``[B]`` float32."""
         entropy = entropy.detach().float()
-        self.ema = entropy.clone() if self.ema is None else torch.lerp(entropy, self.ema, self.beta)
+        if self.ema is None:
+            self.ema = entropy.clone() if self.init == "first" else torch.zeros_like(entropy)
+        self.ema = torch.lerp(entropy, self.ema, self.beta)
         self.peak = self.ema.clone() if self.peak is None else torch.maximum(self.peak, self.ema)
         alpha = torch.where(self.ema < self.peak, -1.0, 1.0)
         return self.ema, alpha

@@ -126,7 +126,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
         delta = DeltaV(config, (values.shape[0], values.shape[1], context.span.numel(), values.shape[3]), values.device)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
-    switch = EntropySwitch(config.ema_beta)
+    switch = EntropySwitch(config.ema_beta, config.ema_init)
     zeros = torch.zeros(request.batch, device=mask.device)
     updates = 0
     last_layer = layer == len(parts.layers) - 1
