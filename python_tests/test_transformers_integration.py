@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from python_tests.tiny_models import synthetic_video_inputs, tiny_llama, tiny_qwen2_5_vl, video_positions
-from vreason_kernels.integrations import IMPLEMENTATION, ValueDeltaContext, default_span, vreason_attention
+from vreason_kernels.integrations import (
+    IMPLEMENTATION,
+    ValueDeltaContext,
+    default_row_spans,
+    default_span,
+    vreason_attention,
+)
 from vreason_kernels.integrations.transformers import _CONTEXT_ATTR
 
 # fp32 logits of the same model through two attention implementations differ by rounding only.
@@ -210,6 +216,20 @@ def test_default_span():
     shifted = torch.cat([video[:1], video[1:].roll(1, dims=1)])
     with pytest.raises(ValueError, match="differ across batch rows"):
         default_span(config, shifted)
+
+
+def test_default_row_spans_per_row_and_without_padding():
+    model = tiny_qwen2_5_vl()
+    config = model.config
+    video = synthetic_video_inputs(model, batch=2, text_before=4)["input_ids"]
+    text = torch.randint(3, 200, (1, video.shape[1]))
+    ids = torch.cat([video[:1].roll(3, dims=1), text, video[1:]])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding of the text row
+    rows = default_row_spans(config, ids, mask)
+    assert torch.equal(rows[0], video_positions(model, video) + 3)
+    assert torch.equal(rows[1], torch.arange(5, ids.shape[1]))  # no video: the visible prompt
+    assert torch.equal(rows[2], video_positions(model, video))
 
 
 def test_static_cache_generation_matches_sdpa():

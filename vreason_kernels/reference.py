@@ -24,10 +24,11 @@ import torch
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
-from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
+from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
 from vreason_kernels.engine.loop import is_update_step
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
+from vreason_kernels.engine.spans import lite_prune
 from vreason_kernels.ops.value_delta_attention.naive import modulate_rows
 
 __all__ = ["generate"]
@@ -56,9 +57,9 @@ def generate(
         model_inputs=model_inputs,
     )
     config, request, layer, recorder = run.config, run.request, run.layer, run.recorder
-    span, enabled = run.span, run.enabled
+    spans, enabled = run.spans, run.enabled
     if request.max_new_tokens == 0:
-        return recorder.output(updates=0, nan_resets=0, span_size=int(span.numel()) if enabled else 0)
+        return recorder.output(updates=0, nan_resets=0, span_size=spans.size if enabled else 0)
 
     with restored_model(model), torch.no_grad():
         mask = request.attention_mask
@@ -71,9 +72,10 @@ def generate(
         delta = None
         if enabled:
             if config.keep_ratio < 1.0:
-                mask, span = lite_prune(cache, mask, span, config.keep_ratio, layer)
+                mask, spans = lite_prune(cache, mask, spans, config.keep_ratio, layer)
+            span = spans.positions
             v = cache.layers[layer].values
-            delta = DeltaV(config, (v.shape[0], v.shape[1], span.numel(), v.shape[3]), v.device)
+            delta = DeltaV(config, (v.shape[0], v.shape[1], spans.size, v.shape[3]), v.device, spans.member)
         recorder.mark_prefill_done()
 
         def token_forward(token, with_grad):
@@ -133,4 +135,4 @@ def generate(
                 break
     nan_resets = int(delta.nan_resets) if delta is not None else 0
     warn_nan_resets(nan_resets)
-    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=int(span.numel()) if enabled else 0)
+    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if enabled else 0)

@@ -42,20 +42,31 @@ class EntropySwitch:
 
 class DeltaV:
     """``ΔV`` with its optimizer. Rows are independent: the optimizers act elementwise and
-    the loss is a sum over samples, so a batch behaves like its samples run one by one."""
+    the loss is a sum over samples, so a batch behaves like its samples run one by one.
 
-    def __init__(self, config: VReasonConfig, shape, device):
+    ``member [B, S]`` (optional, see engine/spans.py): the span positions each row owns.
+    Entries outside it get no gradient and are held at exactly zero.
+    """
+
+    def __init__(self, config: VReasonConfig, shape, device, member: Optional[torch.Tensor] = None):
         self.delta = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
         self.optimizer = config.make_optimizer(self.delta)
         self.max_norm = config.max_delta_norm
         self.nan_resets = torch.zeros((), dtype=torch.long, device=device)
+        self.foreign = None if member is None else ~member[:, None, :, None]  # [B, 1, S, 1]
 
     def step(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` into ``ΔV``, step, reset non-finite samples, bound the rows."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.foreign is not None and self.delta.grad is not None:
+            # Zero gradient keeps Adam/SGD moments at zero, so these entries stay 0 exactly;
+            # the fill after the step holds them there for any other optimizer as well.
+            self.delta.grad.masked_fill_(self.foreign, 0.0)
         self.optimizer.step()
         with torch.no_grad():
+            if self.foreign is not None:
+                self.delta.masked_fill_(self.foreign, 0.0)
             self._reset_non_finite()
             if self.max_norm is not None:
                 norms = torch.linalg.vector_norm(self.delta, dim=-1, keepdim=True)

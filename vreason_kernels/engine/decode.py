@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from vreason_kernels._checks import check_positions, check_positions_values
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import check_sampling_args
+from vreason_kernels.engine.spans import RowSpans, resolve_spans
 
 # Finished samples are checked on the host once every this many tokens: the only
 # host-device sync of the decode loop. Up to this many - 1 extra steps may run after
@@ -156,13 +156,6 @@ def prefill_position_ids(model, request: DecodeRequest) -> torch.Tensor:
     return model._prepare_position_ids_for_generation(request.input_ids, kwargs)
 
 
-def check_span(span, prompt_len: int, device) -> torch.Tensor:
-    """A user span: 1-D integer positions, sorted, unique, in ``[0, prompt_len)``."""
-    span = check_positions("span", span).to(device=device, dtype=torch.long)
-    check_positions_values("span", span, prompt_len, bound="prompt length")
-    return span
-
-
 def warn_empty_span():
     warnings.warn("span is empty: nothing to modulate, decoding plainly (V-Reason off)", stacklevel=3)
 
@@ -174,18 +167,6 @@ def warn_nan_resets(count: int):
             f"ΔV became NaN/Inf and was reset to zero {count} time(s) (sample-steps); decoding continued",
             stacklevel=3,
         )
-
-
-def lite_prune(cache, mask, span, keep_ratio, layer):
-    """Lite mode: drop the span positions with the smallest value norms from every layer's
-    cache. The 2-D mask follows the controlled layer's kept positions (positions outside
-    the span, e.g. padding around a video, are kept by every layer) and the span becomes
-    its indices in the pruned cache. Position ids are carried explicitly by the decode
-    loops, so RoPE positions of later tokens are unaffected."""
-    from vreason_kernels.ops.prune_kv import prune_cache, pruned_span
-
-    kept = prune_cache(cache, span, keep_ratio)[layer]  # [B, N_kept]
-    return mask.gather(1, kept), pruned_span(kept, span)
 
 
 class Recorder:
@@ -266,15 +247,6 @@ def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
     return config
 
 
-def resolve_span(model, span, input_ids) -> torch.Tensor:
-    """The user's span (checked), else video tokens, else image tokens, else the prompt."""
-    if span is not None:
-        return check_span(span, input_ids.shape[1], input_ids.device)
-    from vreason_kernels.integrations.transformers import default_span
-
-    return default_span(model.config, input_ids).to(device=input_ids.device, dtype=torch.long)
-
-
 @dataclass
 class Run:
     """Everything a decode loop needs, checked once up front."""
@@ -283,7 +255,7 @@ class Run:
     parts: ModelParts
     request: DecodeRequest
     layer: int
-    span: Optional[torch.Tensor]
+    spans: Optional[RowSpans]  # None for plain decoding
     enabled: bool  # False for plain decoding, also when the span is empty
     recorder: Recorder
 
@@ -294,10 +266,10 @@ def prepare_run(model, input_ids, config, span, **request_args) -> Run:
     parts = model_parts(model)
     request = check_request(model, input_ids, **request_args)
     layer = config.layer_index(len(parts.layers))
-    enabled = config.enabled
+    enabled, spans = config.enabled, None
     if enabled:
-        span = resolve_span(model, span, request.input_ids)
-        if span.numel() == 0:
+        spans = resolve_spans(model, span, request.input_ids, request.attention_mask)
+        if spans.size == 0:
             warn_empty_span()
             enabled = False
-    return Run(config, parts, request, layer, span, enabled, Recorder(request))
+    return Run(config, parts, request, layer, spans, enabled, Recorder(request))

@@ -30,9 +30,10 @@ import torch
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
-from vreason_kernels.engine.decode import lite_prune, prefill_position_ids, prepare_run, restored_model, warn_nan_resets
+from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
+from vreason_kernels.engine.spans import lite_prune
 from vreason_kernels.ops.linear_entropy import linear_entropy
 
 __all__ = ["generate", "is_update_step"]
@@ -68,9 +69,14 @@ def generate(
             ``attention_mask`` then).
         config: a :class:`VReasonConfig`; ``None`` or ``enabled=False`` decodes plainly
             through the same loop (the baseline).
-        span: ``[S]`` sorted unique prompt positions whose value rows get ``ΔV``, shared by
-            the batch. Default: the video tokens, else the image tokens, else all prompt
-            positions. An empty span decodes plainly with a warning.
+        span: the prompt positions whose value rows get ``ΔV``, per batch row: one int
+            ``[S]`` tensor for every row, a list of ``B`` int ``[S_b]`` tensors, or an int
+            ``[B, S]`` tensor whose shorter rows end in ``-1`` padding; each row sorted
+            unique in ``[0, L)``. Rows may differ (left-padded videos at different
+            positions, of different lengths): each row gets its own ``ΔV`` rows and Lite
+            pruning, and decodes as it would alone. Positions ``attention_mask`` hides are
+            dropped. Default, per row: its video tokens, else its image tokens, else its
+            whole (unpadded) prompt. An empty span decodes plainly with a warning.
         max_new_tokens: number of tokens to generate at most (default 256; 0 returns at once).
         do_sample: sample instead of greedy decoding (default ``False``).
         temperature, top_p, min_p: sampling controls (defaults 1.0, 1.0, 0.0: off). The
@@ -94,7 +100,7 @@ def generate(
     )
     config, parts, request, layer, recorder = run.config, run.parts, run.request, run.layer, run.recorder
     if request.max_new_tokens == 0:
-        return recorder.output(updates=0, nan_resets=0, span_size=int(run.span.numel()) if run.enabled else 0)
+        return recorder.output(updates=0, nan_resets=0, span_size=run.spans.size if run.enabled else 0)
     with ExitStack() as stack:
         stack.enter_context(restored_model(model))
         stack.enter_context(torch.no_grad())
@@ -102,14 +108,14 @@ def generate(
         if run.enabled:
             from vreason_kernels.integrations.transformers import ValueDeltaContext, vreason_attention
 
-            context = ValueDeltaContext(layers=(layer,), span=run.span, backend=config.backend)
+            context = ValueDeltaContext(layers=(layer,), span=run.spans.positions, backend=config.backend)
             stack.enter_context(vreason_attention(model, context))
             rerun = LayerRerun(parts.layers, layer)
             stack.callback(rerun.remove)
-        return _decode(model, parts, request, recorder, config, layer, context, rerun)
+        return _decode(model, parts, request, recorder, config, layer, context, rerun, run.spans)
 
 
-def _decode(model, parts, request, recorder, config, layer, context, rerun) -> VReasonOutput:
+def _decode(model, parts, request, recorder, config, layer, context, rerun, spans) -> VReasonOutput:
     mask = request.attention_mask
     positions = prefill_position_ids(model, request)
     out = parts.base(
@@ -121,9 +127,11 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
     delta = None
     if context is not None:
         if config.keep_ratio < 1.0:
-            mask, context.span = lite_prune(cache, mask, context.span, config.keep_ratio, layer)
+            mask, spans = lite_prune(cache, mask, spans, config.keep_ratio, layer)
+            context.span = spans.positions
         values = cache.layers[layer].values
-        delta = DeltaV(config, (values.shape[0], values.shape[1], context.span.numel(), values.shape[3]), values.device)
+        shape = (values.shape[0], values.shape[1], spans.size, values.shape[3])
+        delta = DeltaV(config, shape, values.device, spans.member)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
     switch = EntropySwitch(config.ema_beta, config.ema_init)
@@ -163,5 +171,5 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun) -> V
             break
     nan_resets = int(delta.nan_resets) if delta is not None else 0
     warn_nan_resets(nan_resets)
-    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=int(context.span.numel()) if context else 0)
+    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if context else 0)
 

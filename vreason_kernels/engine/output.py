@@ -22,7 +22,8 @@ class VReasonOutput:
         stats: ``tokens`` (new tokens before EOS, summed over the batch), ``steps``
             (decode steps run), ``prefill_s``, ``decode_s``, ``wall_s``,
             ``time_per_token_s`` (seconds per decode forward after the prefill), ``peak_memory_bytes`` (CUDA
-            only, else ``None``), ``updates``, ``nan_resets`` and ``span_size``.
+            only, else ``None``), ``updates``, ``nan_resets`` and ``span_size`` (the number of positions ``ΔV``
+            covers: the union of the rows' spans, after Lite pruning).
 
     Trace entries after a sample's EOS are NaN.
     """

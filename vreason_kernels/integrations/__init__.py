@@ -7,6 +7,7 @@ Importing this package registers ``attn_implementation="vreason"`` with transfor
 from vreason_kernels.integrations.transformers import (
     IMPLEMENTATION,
     ValueDeltaContext,
+    default_row_spans,
     default_span,
     register,
     vreason_attention,
@@ -18,6 +19,7 @@ register()
 __all__ = [
     "IMPLEMENTATION",
     "ValueDeltaContext",
+    "default_row_spans",
     "default_span",
     "register",
     "vreason_attention",

@@ -260,26 +260,36 @@ def vreason_attention(model, context: ValueDeltaContext):
         model.set_attn_implementation(previous)
 
 
-def default_span(model_config, input_ids: Tensor) -> Tensor:
-    """Positions that carry the delta by default, int64 ``[S]`` on ``input_ids``' device.
+def default_row_spans(model_config, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
+    """Per batch row, the positions that carry the delta by default: int64 ``[S_b]`` each.
 
-    The video tokens when the config has ``video_token_id`` and the prompt holds them,
-    else the image tokens (``image_token_id``), else all prompt positions. ``input_ids``
-    is ``[L]`` or ``[B, L]``; the positions must agree across batch rows (one span serves
-    the whole batch).
+    A row's video tokens when the config has ``video_token_id`` and the row holds them,
+    else its image tokens (``image_token_id``), else all of its prompt positions. Positions
+    that ``attention_mask`` ``[B, L]`` hides (left padding) are never included: no query
+    sees them, so a delta there could do nothing. ``input_ids`` is ``[B, L]``.
     """
+    check_tensor("input_ids", input_ids, ndim=2, floating=False)
+    visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = []
+    for ids, seen in zip(input_ids, visible):
+        hits = seen.clone()  # no video or image token: the whole visible prompt
+        for attr in ("video_token_id", "image_token_id"):
+            token = getattr(model_config, attr, None)
+            if token is not None and bool(((ids == token) & seen).any()):
+                hits = (ids == token) & seen
+                break
+        rows.append(hits.nonzero().flatten())
+    return rows
+
+
+def default_span(model_config, input_ids: Tensor) -> Tensor:
+    """One span for the whole batch, int64 ``[S]`` on ``input_ids``' device: the
+    :func:`default_row_spans` of an unpadded ``[L]`` or ``[B, L]`` prompt, which must agree
+    across rows (``vk.generate`` itself takes per-row spans)."""
     check_tensor("input_ids", input_ids, floating=False)
     if input_ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must have shape [L] or [B, L], got {tuple(input_ids.shape)}")
-    ids = input_ids.reshape(-1, input_ids.shape[-1])
-    for attr in ("video_token_id", "image_token_id"):
-        token = getattr(model_config, attr, None)
-        if token is None:
-            continue
-        hits = ids == token
-        if not hits.any():
-            continue
-        if not bool((hits == hits[:1]).all()):
-            raise ValueError(f"input_ids: the {attr} positions differ across batch rows; pass span explicitly")
-        return hits[0].nonzero().flatten()
-    return torch.arange(ids.shape[1], device=ids.device)
+    rows = default_row_spans(model_config, input_ids.reshape(-1, input_ids.shape[-1]))
+    if any(not torch.equal(row, rows[0]) for row in rows[1:]):
+        raise ValueError("input_ids: the default span positions differ across batch rows; pass span explicitly")
+    return rows[0]
