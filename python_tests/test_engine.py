@@ -244,11 +244,39 @@ def test_bad_generate_arguments(llama):
         (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), ValueError, "attention_mask"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left-padded"),
         (dict(past_key_values=None), ValueError, "past_key_values"),
+        (dict(input_ids=ids + 1000), ValueError, "input_ids must be token ids"),
+        (dict(input_ids=ids - 1000), ValueError, "input_ids must be token ids"),
+        (dict(max_new_tokens=10**12), ValueError, "max_new_tokens"),
+        (dict(eos_token_id=-1), ValueError, "eos_token_id"),
+        (dict(eos_token_id=[2, "a"]), ValueError, "eos_token_id"),
+        (dict(pad_token_id=-1), ValueError, "pad_token_id"),
+        (dict(pad_token_id=1.5), ValueError, "pad_token_id"),
+        (dict(attention_mask=torch.full_like(ids, 2)), ValueError, "only 0"),
+        (dict(config=vk.VReasonConfig(optimizer=lambda params, lr: None)), TypeError, "optimizer"),
+        (dict(config=vk.VReasonConfig(), span=torch.tensor([0, 1], device="meta")), ValueError, "span"),
     ]
     for kwargs, error, match in cases:
         kwargs = {"input_ids": ids, "max_new_tokens": 2, **kwargs}
         with pytest.raises(error, match=match):
             vk.generate(llama, kwargs.pop("input_ids"), **kwargs)
+
+
+def test_config_changed_after_construction_is_checked_again(llama):
+    config = vk.VReasonConfig()
+    config.steps = 0
+    with pytest.raises(ValueError, match="steps"):
+        vk.generate(llama, _prompt(llama.config.vocab_size, 4, 15), config=config, max_new_tokens=2)
+
+
+def test_tiny_temperature_samples_the_argmax_and_tensor_eos_is_accepted(llama):
+    ids = _prompt(llama.config.vocab_size, 6, 16)
+    greedy = vk.generate(llama, ids, max_new_tokens=6, eos_token_id=[])
+    sampled = vk.generate(
+        llama, ids, max_new_tokens=6, do_sample=True, temperature=1e-45, eos_token_id=torch.tensor(2),
+        generator=torch.Generator().manual_seed(0),
+    )
+    # ties aside, (z - max) / 1e-45 leaves 0 for the argmax and -inf elsewhere (no inf - inf = NaN)
+    assert torch.equal(sampled.sequences, greedy.sequences[:, : sampled.sequences.shape[1]])
 
 
 def test_model_without_lm_head_is_rejected(llama):

@@ -250,3 +250,27 @@ def test_static_cache_generation_matches_sdpa():
         out = model.generate(input_ids, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(layers=5), TypeError, "layers"),
+        (dict(layers=()), TypeError, "layers"),
+        (dict(delta_v=torch.zeros(1)), TypeError, "delta_v must be a dict"),
+        (dict(kv_override=[]), TypeError, "kv_override must be a dict"),
+        (dict(mask_override=None), TypeError, "mask_override must be a dict"),
+        (dict(span=torch.tensor([0.0])), TypeError, "span"),
+    ],
+)
+def test_bad_context_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ValueDeltaContext(**kwargs)
+
+
+def test_a_delta_without_a_span_is_an_error_not_ignored():
+    model = tiny_llama()
+    context = ValueDeltaContext(delta_v={_last_layer(model): torch.zeros(1, 2, 2, 8)})
+    with vreason_attention(model, context), torch.no_grad(), pytest.raises(ValueError, match="span is None"):
+        model(torch.tensor([[3, 4, 5]]))
+    _assert_restored(model)

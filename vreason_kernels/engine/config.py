@@ -61,6 +61,10 @@ class VReasonConfig:
     backend: str = "auto"
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (errors name it); ``generate`` calls it again on each run."""
         check_bool("enabled", self.enabled)
         check_number("lr", self.lr, low=0.0, low_open=True)
         check_int("steps", self.steps, low=1)
@@ -81,7 +85,12 @@ class VReasonConfig:
     def make_optimizer(self, delta: torch.Tensor) -> torch.optim.Optimizer:
         """The optimizer over the single leaf tensor ``delta``."""
         if callable(self.optimizer):
-            return self.optimizer([delta], self.lr)
+            optimizer = self.optimizer([delta], self.lr)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer: the callable must return a torch.optim.Optimizer, got {type(optimizer).__name__}"
+                )
+            return optimizer
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer]
         # foreach=False: one tensor, and the single-tensor path has no host syncs on CPU or CUDA.
         return cls([delta], lr=self.lr, foreach=False)

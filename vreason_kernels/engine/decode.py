@@ -100,6 +100,15 @@ def _device_of(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _is_token_id(value, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+
+
 def check_request(
     model, input_ids, *, max_new_tokens, do_sample, temperature, top_p, min_p, eos_token_id, pad_token_id,
     generator, model_inputs,
@@ -114,8 +123,19 @@ def check_request(
     device = _device_of(model)
     if input_ids.device != device:
         raise ValueError(f"input_ids must be on the model's device ({device}), got {input_ids.device}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if bool((input_ids < 0).any() | (input_ids >= vocab).any()):
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got [{lo}, {hi}]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    # Tokens and traces are preallocated; a length no position embedding reaches is a mistake.
+    limit = getattr(_text_config(model), "max_position_embeddings", None)
+    if isinstance(limit, int) and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"input_ids length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"max_position_embeddings ({limit})"
+        )
     check_sampling_args(do_sample, temperature, top_p, min_p, generator)
     model_inputs = dict(model_inputs)
     for name in ("past_key_values", "cache", "position_ids", "use_cache", "inputs_embeds"):
@@ -127,6 +147,8 @@ def check_request(
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("attention_mask: prompts must be left-padded (the last position of every row must be 1)")
@@ -136,14 +158,18 @@ def check_request(
         eos_token_id = getattr(gen_config, "eos_token_id", None)
     eos_ids = None
     if eos_token_id is not None:
-        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
-            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        if isinstance(eos_token_id, torch.Tensor) and not eos_token_id.dtype.is_floating_point:
+            eos_token_id = eos_token_id.tolist()
+        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        if not isinstance(eos_list, (list, tuple)) or not all(_is_token_id(e, vocab) for e in eos_list):
+            raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) or a list of them, got {eos_token_id!r}")
         eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
     if pad_token_id is None:
         pad_token_id = getattr(gen_config, "pad_token_id", None)
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    if not _is_token_id(pad_token_id, vocab):
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
     sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, min_p=min_p, generator=generator)
     return DecodeRequest(input_ids.long(), attention_mask, model_inputs, max_new_tokens, eos_ids, pad_token_id, sampling)
 
@@ -244,6 +270,7 @@ def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
         return VReasonConfig(enabled=False)
     if not isinstance(config, VReasonConfig):
         raise TypeError(f"config must be a VReasonConfig or None, got {type(config).__name__}")
+    config.validate()  # again: the dataclass may have been changed since it was built
     return config
 
 

@@ -33,7 +33,9 @@ def select_next_token(
     """
     if not do_sample:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    # Relative to the row max, so a tiny temperature gives 0 and -inf, never inf - inf = NaN.
+    logits = logits.float()
+    scores = (logits - logits.amax(-1, keepdim=True)) / temperature
     if min_p > 0:
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))

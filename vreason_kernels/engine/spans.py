@@ -50,8 +50,15 @@ class RowSpans:
         return [self.positions[m] for m in self.member]
 
 
+def _check_device(name: str, span: Tensor, device) -> None:
+    if span.device not in (torch.device("cpu"), device):
+        raise ValueError(f"{name} must be on the CPU or the model's device ({device}), got {span.device}")
+
+
 def _row_positions(name: str, row, prompt_len: int, device) -> Tensor:
-    row = check_positions(name, row).to(device=device, dtype=torch.long)
+    check_positions(name, row)
+    _check_device(name, row, device)
+    row = row.to(device=device, dtype=torch.long)
     check_positions_values(name, row, prompt_len, bound="prompt length")
     return row
 
@@ -90,6 +97,7 @@ def resolve_spans(model, span, input_ids: Tensor, attention_mask: Tensor) -> Row
         rows = [_row_positions(f"span[{i}]", row, length, device) for i, row in enumerate(span)]
     elif isinstance(span, Tensor) and span.dim() == 2:
         check_positions("span", span.flatten())
+        _check_device("span", span, device)
         rows = [_row_positions(f"span[{i}]", r, length, device) for i, r in enumerate(_padded_rows(span, batch))]
     elif isinstance(span, Tensor) and span.dim() != 1:
         raise ValueError(f"span must have shape [S] or [B, S], got {tuple(span.shape)}")

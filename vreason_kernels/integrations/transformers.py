@@ -63,7 +63,12 @@ class ValueDeltaContext:
     backend: str = "auto"
 
     def __post_init__(self):
+        if not isinstance(self.layers, (tuple, list)):
+            raise TypeError(f"layers must be a non-empty tuple of ints, got {self.layers!r}")
         self.layers = tuple(self.layers)
+        for name in ("delta_v", "kv_override", "mask_override"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} must be a dict keyed by layer index, got {type(getattr(self, name)).__name__}")
         if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
             raise TypeError(f"layers must be a non-empty tuple of ints, got {self.layers!r}")
         if self.backend not in BACKENDS:
@@ -182,13 +187,13 @@ def vreason_attention_forward(
     ``query [B, Hq, T, D]``, ``key/value [B, Hkv, N, D]`` (un-repeated, from the cache),
     ``attention_mask`` as built for SDPA (None or a 4-D boolean/additive mask). Returns
     ``(attn_output [B, T, Hq, D], None)``. A module bound to a context (see
-    :func:`vreason_attention`) whose layer has a delta with a span, or a kv override, runs
-    ``value_delta_attention``; every other call is plain attention.
+    :func:`vreason_attention`) whose layer has a delta (which needs ``context.span``) or a
+    kv override runs ``value_delta_attention``; every other call is plain attention.
     """
     context = getattr(module, _CONTEXT_ATTR, None)
     if context is not None:
         layer = module.layer_idx
-        if layer in context.kv_override or (layer in context.delta_v and context.span is not None):
+        if layer in context.kv_override or layer in context.delta_v:
             out = _value_delta_forward(
                 module, context, layer, query, key, value, attention_mask, scaling, dropout, kwargs
             )
