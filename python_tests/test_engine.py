@@ -244,6 +244,7 @@ def test_bad_generate_arguments(llama):
         (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), ValueError, "attention_mask"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left-padded"),
         (dict(past_key_values=None), ValueError, "past_key_values"),
+        (dict(pixel_values_video=torch.zeros(1)), ValueError, "pixel_values_video"),
         (dict(input_ids=ids + 1000), ValueError, "input_ids must be token ids"),
         (dict(input_ids=ids - 1000), ValueError, "input_ids must be token ids"),
         (dict(max_new_tokens=10**12), ValueError, "max_new_tokens"),

@@ -5,6 +5,7 @@ unchanged, and recording tokens and traces into a ``VReasonOutput``.
 None of it is the V-Reason algorithm itself; both implementations of that stay separate.
 """
 
+import inspect
 import time
 import warnings
 from contextlib import contextmanager
@@ -141,6 +142,11 @@ def check_request(
     for name in ("past_key_values", "cache", "position_ids", "use_cache", "inputs_embeds"):
         if name in model_inputs:
             raise ValueError(f"{name} is managed by generate and cannot be passed")
+    # Forwards take **kwargs and drop unknown names silently: a typo would lose the video.
+    accepted = inspect.signature(type(model).forward).parameters
+    unknown = sorted(name for name in model_inputs if name not in accepted)
+    if unknown:
+        raise ValueError(f"model_inputs: {unknown} are not arguments of {type(model).__name__}.forward")
     attention_mask = model_inputs.pop("attention_mask", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
