@@ -8,7 +8,10 @@ output tokens, mean position (1-based token index) and height of the EMA's peak,
 of tokens decoded with α = +1, and exact McNemar tests (two-sided binomial on the
 discordant questions) against the base model and between the two starts at equal lr.
 
-    python benchmarks/ema_init.py [--questions N] [--max-new-tokens N] [--batch N]
+    OMP_NUM_THREADS=1 python benchmarks/ema_init.py [--questions N] [--max-new-tokens N] [--batch N]
+
+(one thread: on a shared 2-core machine two OpenMP threads fighting for a core made every
+forward 10-40x slower).
 
 Results: benchmarks/results/ema_init.md.
 """
@@ -31,7 +34,7 @@ from tune_defaults import last_number
 
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ("reasoning.jsonl", "reasoning_extra.jsonl")
-LRS = (5e-2, 2e-1)
+LRS = (1e-2, 5e-2, 2e-1)
 INITS = ("first", "zero")
 
 
