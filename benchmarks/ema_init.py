@@ -99,7 +99,8 @@ def main():
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    configs = {"base": None}
+    # The base model traces its EMA as "first" did when the table was made (tokens do not depend on it).
+    configs = {"base": vk.VReasonConfig(enabled=False, ema_init="first")}
     for lr in LRS:
         for init in INITS:
             configs[f"{init}, lr={lr:g}"] = vk.VReasonConfig(lr=lr, ema_init=init)

@@ -73,7 +73,8 @@ def test_ema_init_zero_climbs_before_it_peaks_and_matches_reference(llama):
     torch.testing.assert_close(ema, expected, atol=1e-5, rtol=1e-5)
     # It climbs from 0, so the first tokens are at a new peak: α = +1 (exploration).
     assert (fused.alpha[0, :3] == 1).all() and int(ema.argmax()) > 0
-    first = vk.generate(llama, ids, config=vk.VReasonConfig(lr=0.05, ema_beta=0.8), max_new_tokens=NEW)
+    first_config = vk.VReasonConfig(lr=0.05, ema_beta=0.8, ema_init="first")
+    first = vk.generate(llama, ids, config=first_config, max_new_tokens=NEW)
     assert fused.entropy_ema[0, 0] == pytest.approx(0.2 * float(fused.entropy[0, 0]), rel=1e-6)
     assert first.entropy_ema[0, 0] == first.entropy[0, 0]
 

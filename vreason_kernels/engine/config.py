@@ -29,11 +29,11 @@ class VReasonConfig:
         every: run an update every ``every`` decode forwards (default ``1``, the most
             accurate and most costly setting).
         ema_beta: ``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (default ``0.9``).
-        ema_init: how the EMA starts (default ``"first"``). ``"first"``: ``H_ema_1 = H_1``,
-            so when the first token is the most uncertain one the peak is at token 1 and
-            ``α = -1`` from then on. ``"zero"``: ``H_ema_0 = 0`` with no bias correction,
-            so the EMA climbs for about ``1 / (1 - β)`` tokens (``α = +1``, exploration)
-            before it can peak.
+        ema_init: how the EMA starts (default ``"zero"``; README, "Defaults", has the
+            evidence). ``"zero"``: ``H_ema_0 = 0`` with no bias correction, so the EMA
+            climbs for about ``1 / (1 - β)`` tokens (``α = +1``, exploration) before it
+            can peak. ``"first"``: ``H_ema_1 = H_1``, so when the first token is the most
+            uncertain one the peak is at token 1 and ``α = -1`` from then on.
         optimizer: ``"adam"`` (default), ``"adamw"``, ``"sgd"``, or a callable
             ``(params, lr) -> torch.optim.Optimizer``. Optimizers must act elementwise
             (all of these do) so that the samples of a batch stay independent.
@@ -53,7 +53,7 @@ class VReasonConfig:
     steps: int = 1
     every: int = 1
     ema_beta: float = 0.9
-    ema_init: str = "first"
+    ema_init: str = "zero"
     optimizer: OptimizerSpec = "adam"
     layer: Optional[int] = None
     keep_ratio: float = 1.0
