@@ -1,10 +1,12 @@
 """Next-token choice: greedy, or sampling with temperature, min-p and top-p, all on device."""
 
+import math
 from typing import Optional
 
 import torch
 
 from vreason_kernels._checks import check_bool, check_number
+from vreason_kernels.distributed.collectives import VocabRows
 
 
 def check_sampling_args(do_sample, temperature, top_p, min_p, generator) -> None:
@@ -24,27 +26,50 @@ def select_next_token(
     top_p: float,
     min_p: float,
     generator: Optional[torch.Generator],
+    vocab_group=None,
 ) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` int64 token ids.
 
     Sampling applies temperature, then min-p (drop tokens with probability below
-    ``min_p`` times the top probability), then top-p (keep the smallest prefix of the
-    sorted distribution whose mass reaches ``top_p``; the top token always stays).
+    ``min_p`` times the top probability: ``z_j - max z < log min_p``), then top-p (keep the
+    smallest prefix of the sorted distribution whose mass reaches ``top_p``; the top token
+    always stays), and draws by an exponential race: with ``E_j ~ Exp(1)`` i.i.d. from
+    ``generator``, ``argmax_j (z_j - log E_j)`` is token ``j`` with probability ``softmax(z)_j``
+    (``-log E`` is Gumbel noise). Every step draws ``E`` for the whole ``[B, V]``.
+
+    ``vocab_group``: the process group over which the vocabulary is sharded
+    (``logits`` is then this rank's contiguous slice ``[B, V_rank]``, ranks in vocabulary
+    order). Each rank draws the same whole-vocabulary noise (the generator must be seeded
+    alike on every rank) and keeps its columns, and the max and argmax become collectives
+    of ``B`` values per rank, so the token is the one the whole logits would give, with
+    no logits gathered. Top-p needs the sorted whole distribution and is refused there.
     """
+    vocab = VocabRows(logits, vocab_group)
     if not do_sample:
-        return logits.argmax(-1)
-    # Relative to the row max, so a tiny temperature gives 0 and -inf, never inf - inf = NaN.
+        return vocab.argmax(logits)
+    # Relative to the row max (over the whole vocabulary), so a tiny temperature gives 0 and
+    # -inf, never inf - inf = NaN; the max of ``scores`` is then exactly 0.
     logits = logits.float()
-    scores = (logits - logits.amax(-1, keepdim=True)) / temperature
+    scores = (logits - vocab.max(logits)) / temperature
     if min_p > 0:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+        scores = scores.masked_fill(scores < math.log(min_p), float("-inf"))
     if top_p < 1:
-        sorted_scores, order = scores.sort(-1, descending=True)
-        sorted_probs = sorted_scores.softmax(-1)
-        # Mass strictly before each token: a token is dropped once that already reaches top_p.
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = before >= top_p
-        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
-        scores = scores.masked_fill(drop, float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        if vocab.sharded:
+            raise ValueError("top_p < 1 needs the whole vocabulary's sorted distribution: not supported with a "
+                             "vocabulary-sharded LM head (use min_p, or top_p=1.0)")
+        scores = _top_p_filter(scores, top_p)
+    noise = torch.empty((scores.shape[0], vocab.vocab_size), dtype=torch.float32, device=scores.device)
+    noise = vocab.local(noise.exponential_(generator=generator))
+    live = scores > float("-inf")
+    keys = torch.where(live, scores - torch.log(noise), torch.full_like(scores, float("-inf")))
+    return vocab.argmax(keys)
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_scores, order = scores.sort(-1, descending=True)
+    sorted_probs = sorted_scores.softmax(-1)
+    # Mass strictly before each token: a token is dropped once that already reaches top_p.
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    drop_sorted = before >= top_p
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
+    return scores.masked_fill(drop, float("-inf"))

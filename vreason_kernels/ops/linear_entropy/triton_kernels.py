@@ -392,21 +392,19 @@ def _precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, num_splits=None):
-    """(entropy f32 [R], dH/dh f32 [R, D] | [0], row_max f32 [R], log_sum f32 [R], logits [R, V] | [0]).
+def forward_partials(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool,
+                     num_splits=None):
+    """Each vocabulary split's partial sums, unmerged: ``(stats, moments, logits)``.
 
-    ``num_splits`` overrides the vocabulary split count (tests of the merge); by default
-    it comes from ``_num_splits``.
+    ``stats [3, splits, R]`` holds (m, s, t) and ``moments [2, splits, R, D]`` holds (A, B)
+    (without a gradient, an unread stand-in). ``logits [R, V] | [0]``. For ``rows >= 1``.
+    The vocabulary-parallel op (``vreason_kernels.distributed``) folds these itself.
     """
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     f32 = dict(dtype=torch.float32, device=device)
-    entropy, row_max, log_sum = (new_output((rows,), **f32) for _ in range(3))
-    dh = new_output((rows, dim) if need_grad else (0,), **f32)
     logits = new_output((rows, vocab) if return_logits else (0,), dtype=hidden.dtype, device=device)
-    if rows == 0:
-        return entropy, dh, row_max, log_sum, logits
 
     from vreason_kernels.ops.linear_entropy import triton_decode  # imports this module
 
@@ -428,12 +426,31 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
             HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
             PRECISION=_precision(hidden.dtype), **blocks,
         )
+    return stats, moments, logits
+
+
+def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, num_splits=None):
+    """(entropy f32 [R], dH/dh f32 [R, D] | [0], row_max f32 [R], log_sum f32 [R], logits [R, V] | [0]).
+
+    ``num_splits`` overrides the vocabulary split count (tests of the merge); by default
+    it comes from ``_num_splits``.
+    """
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    entropy, row_max, log_sum = (new_output((rows,), **f32) for _ in range(3))
+    dh = new_output((rows, dim) if need_grad else (0,), **f32)
+    if rows == 0:
+        logits = new_output((0, vocab) if return_logits else (0,), dtype=hidden.dtype, device=hidden.device)
+        return entropy, dh, row_max, log_sum, logits
+    stats, moments, logits = forward_partials(hidden, weight, bias, temperature, need_grad, return_logits,
+                                              num_splits)
     merge = _merge_blocks()
     grid = (triton.cdiv(rows, merge["BLOCK_R"]), triton.cdiv(dim, merge["BLOCK_D"]) if need_grad else 1)
     _merge_kernel[grid](
         stats[0], stats[1], stats[2], moments[0], moments[1],
         entropy, row_max, log_sum, dh if need_grad else entropy,
-        rows, dim, num_splits, float(temperature),
+        rows, dim, stats.shape[1], float(temperature),
         NEED_GRAD=need_grad, **merge,
     )
     return entropy, dh, row_max, log_sum, logits

@@ -1,0 +1,112 @@
+"""The few torch.distributed collectives the vocabulary-parallel paths use, and the row
+reductions over a vocabulary that is whole (no group) or sharded over a process group.
+
+Ranks hold contiguous vocabulary slices in rank order (rank 0 has the first rows), as
+transformers' ``colwise`` LM-head plans and Megatron-style vocabulary parallelism lay them
+out; slices may differ in size (the last rank's is shorter when V is not divisible).
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_group(process_group):
+    """``process_group``, or the default group; a clear error when torch.distributed is not set up."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
+    return dist.group.WORLD if process_group is None else process_group
+
+
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where ``group`` can communicate: the tensors' own CUDA device under NCCL, else the CPU (gloo)."""
+    backend = str(dist.get_backend(group))
+    if device.type == "cuda" and "nccl" in backend:
+        return device
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    raise ValueError(f"process_group: backend {backend!r} cannot communicate {device.type} tensors")
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """``[world, *x.shape]``: every rank's ``x``, in rank order (one collective; exact copies)."""
+    device = _collective_device(group, x.device)
+    local = x.to(device).contiguous()
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, local, group=group)
+    return torch.stack(out).to(x.device)
+
+
+def all_max(x: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise max of ``x`` over the ranks (exact: a max never rounds)."""
+    device = _collective_device(group, x.device)
+    local = x.to(device, copy=True).contiguous()
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    return local.to(x.device)
+
+
+class VocabRows:
+    """Reductions over the vocabulary of ``[B, V_rank]`` rows: plain ones without a group,
+    collectives (never the rows themselves) with one. Every rank of the group must make
+    the same calls in the same order.
+    """
+
+    def __init__(self, rows: torch.Tensor, group=None):
+        """``group``: the process group the vocabulary is sharded over, or None (whole rows)."""
+        self.rows = rows.shape[-1]
+        self.group = group
+        self._sizes: Optional[list] = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
+
+    def sizes(self) -> list:
+        """Vocabulary rows of every rank, in rank order (one collective, then cached)."""
+        if self._sizes is None:
+            if self.sharded:
+                mine = torch.tensor([self.rows], dtype=torch.long)
+                self._sizes = all_gather(mine, self.group)[:, 0].tolist()
+            else:
+                self._sizes = [self.rows]
+        return self._sizes
+
+    @property
+    def vocab_size(self) -> int:
+        return sum(self.sizes())
+
+    @property
+    def offset(self) -> int:
+        """Global index of this rank's first vocabulary row."""
+        rank = dist.get_rank(self.group) if self.sharded else 0
+        return sum(self.sizes()[:rank])
+
+    def local(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of a ``[B, V]`` tensor every rank holds whole."""
+        return whole.narrow(-1, self.offset, self.rows) if self.sharded else whole
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1]`` max over the whole vocabulary."""
+        top = x.amax(-1, keepdim=True)
+        return all_max(top, self.group) if self.sharded else top
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B]`` int64 global index of the first maximum over the whole vocabulary.
+
+        Sharded: each rank's first local maximum (value and global index, exact in float64)
+        is gathered; the lowest rank holding the maximum wins a tie, i.e. the lowest global
+        index, as ``argmax`` over the whole row gives. A NaN counts as the maximum, as there.
+        """
+        index = x.argmax(-1)
+        if not self.sharded:
+            return index
+        value = x.gather(-1, index[:, None])[:, 0]
+        rows = torch.full_like(index, self.rows)
+        table = all_gather(torch.stack([value.double(), index.double(), rows.double()], -1), self.group)
+        sizes = table[:, 0, 2].long()
+        self._sizes = sizes.tolist()
+        offsets = torch.cumsum(sizes, 0) - sizes
+        best = table[..., 0].argmax(0)  # [B]: the rank holding each row's maximum
+        batch = torch.arange(x.shape[0], device=table.device)
+        return (table[best, batch, 1].long() + offsets[best]).to(index.device)

@@ -1,0 +1,188 @@
+"""``vocab_parallel_linear_entropy``: the fused linear entropy over a vocabulary-sharded LM head.
+
+Rank ``k`` holds the contiguous vocabulary rows ``W_k [V_k, D]`` (and ``b_k``). It computes
+its slice's partial statistics ``(m_k, s_k, t_k, A_k, B_k)`` (``ops/linear_entropy/partials.py``,
+DESIGN.md §2.1) from its own rows only; ONE all-gather brings every rank's partials,
+``2 D + 3`` floats per row (3 without a hidden gradient), to every rank; each rank folds
+them in rank order with ``merge_partials`` and finishes::
+
+    H = log S - T/S,        dH/dh = -(B - (T/S) A) / (S tau).
+
+Every rank runs the same fold on the same gathered bits, so the entropy and ``dH/dh`` are
+identical on all ranks and deterministic. The backward gives ``hidden`` the global
+``g dH/dh`` on every rank (as a replicated input's gradient should be) and gives each
+rank's ``W_k``/``b_k`` their own gradient, computed from the global row statistics
+``(M, log S, H)``: nothing is communicated in the backward.
+
+Why a separate function rather than a ``process_group=`` argument of ``linear_entropy``:
+the contract differs, not only the transport. The weight is a slice, not the head; the
+call is a collective that every rank must make in the same order; the returned logits
+are the rank's slice; and dW/db are per-slice. A keyword on the single-process op would
+let a full head plus a group silently count the vocabulary ``world`` times, and the
+single-process op is a ``torch.library`` custom op (compiled with ``fullgraph=True``),
+whose schema cannot carry a ``ProcessGroup``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vreason_kernels._checks import FLOAT_DTYPES
+from vreason_kernels.backend import BACKENDS, resolve_backend
+from vreason_kernels.distributed.collectives import all_gather, resolve_group
+from vreason_kernels.ops.linear_entropy.op import _check_args, _linear_entropy_weight_grad
+from vreason_kernels.ops.linear_entropy.partials import (
+    Partials, finish, merge_partials, slice_partials, weight_grad_from_stats,
+)
+
+# What every rank tells the others before the partials travel (one small all-gather):
+# a mismatch would otherwise surface as an all-gather of different sizes (a hang or an
+# opaque transport error) or as a silently wrong merge.
+_META = ("ok", "vocab rows", "D", "rows", "dtype", "temperature", "need_grad", "backend")
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, group, temperature, need_grad, return_logits, backend):
+        parts, logits = slice_partials(hidden, weight, bias, temperature, need_grad, return_logits, backend)
+        columns = [parts.m, parts.s, parts.t]
+        packed = torch.cat([torch.stack(columns, -1), *([parts.a, parts.b] if need_grad else [])], -1)
+        table = all_gather(packed, group)  # [world, R, 3 (+ 2 D)]
+        dim = hidden.shape[1]
+        moments = (table[..., 3:3 + dim], table[..., 3 + dim:]) if need_grad else (None, None)
+        merged = merge_partials(Partials(table[..., 0], table[..., 1], table[..., 2], *moments))
+        entropy, dh, row_max, log_sum = finish(merged, temperature)
+        ctx.save_for_backward(hidden, weight, bias, dh, row_max, log_sum, entropy)
+        ctx.temperature, ctx.backend = temperature, backend
+        ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)
+        return entropy, logits
+
+    @staticmethod
+    def backward(ctx, g_entropy, _g_logits):
+        hidden, weight, bias, dh, row_max, log_sum, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = grad_weight = grad_bias = None
+        if g_entropy is not None:
+            g = g_entropy.to(entropy.dtype).contiguous()
+            if need_hidden:
+                grad_hidden = (g[:, None] * dh).to(hidden.dtype)
+            if need_weight or need_bias:
+                stats = (ctx.temperature, row_max, log_sum, entropy, g, need_bias)
+                if ctx.backend == "torch":
+                    grad_weight, grad_bias = weight_grad_from_stats(hidden, weight, bias, *stats)
+                else:
+                    grad_weight, grad_bias = _linear_entropy_weight_grad(hidden, weight, bias, *stats, ctx.backend)
+                grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+                grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _local_check(hidden, weight, bias, temperature, return_logits, backend) -> str:
+    """The single-process op's checks plus the backend's; returns the resolved backend."""
+    _check_args(hidden, weight, bias, temperature, return_logits)
+    resolved = resolve_backend(backend, hidden.device)
+    if hidden.dtype == torch.float64:
+        if backend == "auto":
+            return "torch"
+        if resolved != "torch":
+            raise TypeError(f"hidden of dtype float64 is supported only by backend='torch', not {backend!r}")
+    return resolved
+
+
+def _check_ranks(table: torch.Tensor, error: Optional[Exception], vocab_size: Optional[int]) -> None:
+    """Raise the same kind of error on every rank when any rank's input is bad or inconsistent."""
+    if error is not None:
+        raise error
+    bad = [rank for rank, ok in enumerate(table[:, 0].tolist()) if not ok]
+    if bad:
+        raise ValueError(f"vocab_parallel_linear_entropy: invalid input on rank(s) {bad} (see the error raised there)")
+    columns = dict(zip(_META, table.transpose(0, 1).tolist()))
+    for name, arg in (("D", "weight/hidden"), ("rows", "hidden"), ("dtype", "hidden"),
+                      ("temperature", "temperature"), ("need_grad", "hidden.requires_grad"), ("backend", "backend")):
+        values = columns[name]
+        if any(v != values[0] for v in values):
+            if name == "dtype":
+                values = [FLOAT_DTYPES[int(v)] for v in values]
+            elif name == "backend":
+                values = [BACKENDS[int(v)] for v in values]
+            raise ValueError(f"{arg}: every rank must pass the same {name}, got {values} by rank")
+    sizes = [int(v) for v in columns["vocab rows"]]
+    if vocab_size is not None and sum(sizes) != vocab_size:
+        raise ValueError(
+            f"weight: the ranks' vocabulary shards have {sizes} rows (sum {sum(sizes)}), but vocab_size={vocab_size}: "
+            "a shard of the wrong size"
+        )
+
+
+def vocab_parallel_linear_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    process_group=None,
+    vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
+    return_logits: bool = False,
+    backend: str = "auto",
+):
+    """Entropy (nats) of ``softmax((hidden @ W.T + b) / temperature)`` over the WHOLE vocabulary,
+    with ``W``'s rows sharded over ``process_group`` (a collective: every rank calls it).
+
+    Args:
+        hidden: ``[..., D]``, the same on every rank (a replicated activation).
+        weight: this rank's vocabulary rows ``[V_rank, D]``: rank 0 holds the first rows,
+            rank 1 the next, ...; shards may differ in size (``V`` need not divide).
+        bias: optional ``[V_rank]``, this rank's slice of the bias.
+        process_group: the group the vocabulary is sharded over (default: the world).
+        vocab_size: optional whole ``V``; checked against the sum of the shards.
+        temperature, backend: as ``vk.linear_entropy``. The shard's partials come from the
+            Triton partials kernels (``"triton"``, W read once) or the PyTorch path (any
+            other backend: the C++ backend does not hand out its partials); ``"cpp"``
+            still computes dW/db.
+        return_logits: also return THIS rank's logits ``[..., V_rank]`` (not differentiable).
+
+    Returns:
+        ``entropy [...]`` (float32), identical on every rank, or ``(entropy, logits)``.
+        Differentiable in ``hidden`` (global ``dH/dh`` on every rank) and in this rank's
+        ``weight``/``bias`` (their own gradients, no communication).
+
+    Communication: one all-gather of ``8`` floats (argument checks: every rank learns the
+    others' shapes, dtype, temperature, ...) and one of ``2 D + 3`` floats per row (3
+    without a hidden gradient) per rank. A bad input on any rank raises on every rank
+    rather than leaving the others waiting in a collective.
+    """
+    group = resolve_group(process_group)
+    error, resolved = None, backend
+    try:
+        resolved = _local_check(hidden, weight, bias, temperature, return_logits, backend)
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
+            raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    ok = error is None
+    need_grad = ok and torch.is_grad_enabled() and hidden.requires_grad
+    meta = [
+        float(ok),
+        float(weight.shape[0]) if ok else -1.0,
+        float(hidden.shape[-1]) if ok else -1.0,
+        float(math.prod(hidden.shape[:-1])) if ok else -1.0,
+        float(FLOAT_DTYPES.index(hidden.dtype)) if ok else -1.0,
+        float(temperature) if ok else -1.0,
+        float(need_grad),
+        float(BACKENDS.index(resolved)) if ok else -1.0,
+    ]
+    device = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
+    _check_ranks(all_gather(torch.tensor(meta, dtype=torch.float64, device=device), group), error, vocab_size)
+
+    lead, dim = hidden.shape[:-1], hidden.shape[-1]
+    rows = hidden.reshape(-1, dim).contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    entropy, logits = _VocabParallelEntropy.apply(
+        rows, weight, bias, group, float(temperature), need_grad, return_logits, resolved
+    )
+    entropy = entropy.reshape(lead)
+    return (entropy, logits.reshape(*lead, weight.shape[0])) if return_logits else entropy
