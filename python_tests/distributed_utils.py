@@ -20,6 +20,8 @@ COLLECTIVE_TIMEOUT_S = 60
 def _worker(rank, fn, world, store, out_dir, args):
     import torch.distributed as dist
 
+    # What torchrun sets: transformers' tp_plan="auto" sizes its mesh from WORLD_SIZE.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),

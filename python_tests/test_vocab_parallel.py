@@ -5,7 +5,8 @@ One spawn of 3 processes runs every check, on the whole group and on a group of 
 - entropy, dH/dh, dW and db of each rank's shard against the unsharded ``vk.linear_entropy``
   on the same backend, for every backend, with V not divisible by the world size, logits
   offset by 300, and a summed (expanded), a strided and a random output gradient;
-- the entropy and dH/dh bitwise equal on every rank (compared in the parent);
+- the entropy and dH/dh bitwise equal on every rank (compared in the parent), and every
+  result bitwise equal on a second call;
 - greedy and sampled tokens (temperature, min-p) equal to the unsharded
   ``select_next_token`` with an equally seeded generator, ties across a shard boundary;
 - bad input (a shard of the wrong size, D differing between ranks, a bad bias on one
@@ -86,6 +87,11 @@ def _entropy_checks(rank, world, out_dir, group, grad_kinds):
             _close(f"{tag} dW", sharded[2], whole[2][lo:hi])
             _close(f"{tag} db", sharded[3][torch.isfinite(sharded[3])], whole[3][lo:hi][torch.isfinite(sharded[3])])
             results[tag] = (sharded[0], sharded[1])
+            again = _run(
+                lambda h, w, b: vocab_parallel_linear_entropy(h, w, b, process_group=group, backend=backend),
+                hidden, weight[lo:hi], bias[lo:hi], grad,
+            )
+            assert all(torch.equal(x, y) for x, y in zip(sharded, again)), f"{tag}: a second call changed bits"
     # No gradient wanted: only (m, s, t) travel; lead dims and returned shard logits.
     entropy, logits = vocab_parallel_linear_entropy(hidden.view(1, ROWS, DIM), weight[lo:hi], bias[lo:hi],
                                                     process_group=group, return_logits=True)

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from vreason_kernels.engine.config import VReasonConfig
+from vreason_kernels.distributed.collectives import all_gather, all_max
 from vreason_kernels.engine.hf_cache import replace_cache_kwarg
-from vreason_kernels.ops.linear_entropy import linear_entropy
 
 
 class EntropySwitch:
@@ -46,9 +46,14 @@ class DeltaV:
 
     ``member [B, S]`` (optional, see engine/spans.py): the span positions each row owns.
     Entries outside it get no gradient and are held at exactly zero.
+
+    ``group``: under tensor parallelism each rank holds the ΔV of its own kv heads. The
+    elementwise step is local; the per-sample quantities (non-finite reset, reported
+    norm) are reduced over the group so that every rank agrees.
     """
 
-    def __init__(self, config: VReasonConfig, shape, device, member: Optional[torch.Tensor] = None):
+    def __init__(self, config: VReasonConfig, shape, device, member: Optional[torch.Tensor] = None, group=None):
+        self.group = group
         self.delta = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
         self.optimizer = config.make_optimizer(self.delta)
         self.max_norm = config.max_delta_norm
@@ -76,6 +81,8 @@ class DeltaV:
         # A sample whose ΔV (or optimizer state) went NaN/Inf restarts from zero; the
         # others continue. Counted on device and reported at the end (no sync here).
         bad = ~torch.isfinite(self.delta).flatten(1).all(1)
+        if self.group is not None:
+            bad = all_max(bad.int(), self.group).bool()
         self.nan_resets += bad.sum()
         view = bad.view(-1, *([1] * (self.delta.dim() - 1)))
         for t in [self.delta, *self._state_tensors()]:
@@ -86,8 +93,11 @@ class DeltaV:
         return [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == self.delta.shape]
 
     def norms(self) -> torch.Tensor:
-        """``||ΔV||`` per sample, ``[B]``."""
-        return torch.linalg.vector_norm(self.delta.detach().flatten(1), dim=1)
+        """``||ΔV||`` per sample, ``[B]`` (over every rank's shard, summed in rank order)."""
+        if self.group is None:
+            return torch.linalg.vector_norm(self.delta.detach().flatten(1), dim=1)
+        squares = self.delta.detach().flatten(1).square().sum(1)
+        return all_gather(squares, self.group).sum(0).sqrt()
 
 
 class LayerRerun:
@@ -181,7 +191,7 @@ def fused_update(config: VReasonConfig, delta: DeltaV, rerun: LayerRerun, contex
                 if step > 0 or entropy is None:
                     context.delta_v[layer] = delta.delta.to(cache.layers[layer].values.dtype)
                     hidden = rerun.forward(context, cache, parts.norm)
-                    entropy = linear_entropy(hidden, parts.head_weight, parts.head_bias, backend=config.backend)
+                    entropy = parts.entropy(hidden, backend=config.backend)
                 loss = kl_to_uniform_loss(entropy, alpha, parts.vocab_size)
             delta.step(loss)
     finally:

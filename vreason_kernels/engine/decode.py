@@ -31,6 +31,11 @@ class ModelParts:
 
     ``base`` is the model without its LM head: its output's ``last_hidden_state`` is the
     final-normed hidden state (handles vision inputs and mRoPE for VLMs).
+
+    Tensor parallelism (transformers' ``tp_plan``): the head's weight is a DTensor sharded
+    over the vocabulary; ``head_weight``/``head_bias`` are then this rank's rows and
+    ``tp_group`` the group they are sharded over (None for a whole head). The controlled
+    layer's kv heads, hence ``ΔV``, are sharded over the same group.
     """
 
     base: torch.nn.Module
@@ -38,10 +43,44 @@ class ModelParts:
     norm: torch.nn.Module
     head_weight: torch.Tensor
     head_bias: Optional[torch.Tensor]
+    vocab_size: int
+    tp_group: Optional[object] = None
 
-    @property
-    def vocab_size(self) -> int:
-        return self.head_weight.shape[0]
+    def entropy(self, hidden: torch.Tensor, *, return_logits: bool = False, backend: str = "auto"):
+        """``H`` of the head's next-token distribution over the whole vocabulary (and the
+        logits: this rank's vocabulary slice under tensor parallelism)."""
+        if self.tp_group is None:
+            from vreason_kernels.ops.linear_entropy import linear_entropy
+
+            return linear_entropy(hidden, self.head_weight, self.head_bias, return_logits=return_logits,
+                                  backend=backend)
+        from vreason_kernels.distributed import vocab_parallel_linear_entropy
+
+        return vocab_parallel_linear_entropy(
+            hidden, self.head_weight, self.head_bias, process_group=self.tp_group, vocab_size=self.vocab_size,
+            return_logits=return_logits, backend=backend,
+        )
+
+
+def _head_shard(head: torch.nn.Linear):
+    """``(weight, bias, group, V)``: the head's local rows and the group they are sharded
+    over when it is a tensor-parallel DTensor, else the head itself and ``None``."""
+    weight, bias = head.weight, head.bias
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without distributed
+        return weight, bias, None, weight.shape[0]
+    if not isinstance(weight, DTensor):
+        return weight, bias, None, weight.shape[0]
+    mesh = weight.device_mesh
+    sharded_bias = bias is None or (isinstance(bias, DTensor) and bias.placements == (Shard(0),))
+    if mesh.ndim != 1 or weight.placements != (Shard(0),) or not sharded_bias:
+        raise ValueError(
+            "model: a tensor-parallel LM head must be sharded over the vocabulary on a 1-D mesh (placements "
+            f"(Shard(0),), transformers' 'colwise'/'colwise_gather_output' plans), got {weight.placements} "
+            f"on a {mesh.ndim}-D mesh"
+        )
+    return weight.to_local(), None if bias is None else bias.to_local(), mesh.get_group(), weight.shape[0]
 
 
 def model_parts(model) -> ModelParts:
@@ -60,7 +99,9 @@ def model_parts(model) -> ModelParts:
         raise ValueError(
             f"model: {type(model).__name__} does not expose a base model with decoder .layers and a final .norm"
         )
-    return ModelParts(base=base, layers=layers, norm=norm, head_weight=head.weight, head_bias=head.bias)
+    weight, bias, group, vocab_size = _head_shard(head)
+    return ModelParts(base=base, layers=layers, norm=norm, head_weight=weight, head_bias=bias, vocab_size=vocab_size,
+                      tp_group=group)
 
 
 @contextmanager

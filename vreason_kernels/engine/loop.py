@@ -34,7 +34,6 @@ from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, res
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.engine.spans import lite_prune
-from vreason_kernels.ops.linear_entropy import linear_entropy
 
 __all__ = ["generate", "is_update_step"]
 
@@ -131,7 +130,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
             context.span = spans.positions
         values = cache.layers[layer].values
         shape = (values.shape[0], values.shape[1], spans.size, values.shape[3])
-        delta = DeltaV(config, shape, values.device, spans.member)
+        delta = DeltaV(config, shape, values.device, spans.member, group=parts.tp_group)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
     switch = EntropySwitch(config.ema_beta, config.ema_init)
@@ -155,14 +154,12 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
                     use_cache=True, **cache_kwargs(parts.base, cache),
                 )
                 hidden = out.last_hidden_state[:, -1]
-            entropy, logits = linear_entropy(
-                hidden, parts.head_weight, parts.head_bias, return_logits=True, backend=config.backend
-            )
+            entropy, logits = parts.entropy(hidden, return_logits=True, backend=config.backend)
         ema, alpha = switch.observe(entropy)
         if update:
             fused_update(config, delta, rerun, context, cache, parts, alpha, entropy if in_graph else None)
             updates += 1
-        token = select_next_token(logits.detach(), **request.sampling)
+        token = select_next_token(logits.detach(), **request.sampling, vocab_group=parts.tp_group)
         token = recorder.record(
             k - 1, token, entropy=entropy.detach(), entropy_ema=ema, alpha=alpha,
             delta_norm=delta.norms() if delta is not None else zeros,
