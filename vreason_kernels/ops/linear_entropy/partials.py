@@ -74,20 +74,21 @@ def _rescale(m: torch.Tensor, top: torch.Tensor):
 
 
 def merge_partials(parts: Partials) -> Partials:
-    """Fold ``K`` partials (``m, s, t [K, R]``, ``a, b [K, R, D]``) in the fixed order 0, 1, ..., K-1."""
+    """Fold ``K`` partials (``m, s, t [K, R]``, ``a, b [K, R, D]``) onto their common max.
+
+    Vectorised over ``K`` (the Triton partials number up to twice the SM count at decode,
+    far too many for a Python loop of small kernels). ``torch.sum`` over ``K`` reduces in an
+    order fixed by the shape and the device, so equal inputs give equal bits, on every rank.
+    """
     top = parts.m.amax(0)
-    total_s = torch.zeros_like(top)
-    total_t = torch.zeros_like(top)
-    with_moments = parts.a is not None
-    total_a = torch.zeros_like(parts.a[0]) if with_moments else None
-    total_b = torch.zeros_like(parts.b[0]) if with_moments else None
-    for k in range(parts.m.shape[0]):
-        r, delta = _rescale(parts.m[k], top)
-        total_t = total_t + r * (parts.t[k] + delta * parts.s[k])
-        total_s = total_s + r * parts.s[k]
-        if with_moments:
-            total_b = total_b + r[:, None] * (parts.b[k] + delta[:, None] * parts.a[k])
-            total_a = total_a + r[:, None] * parts.a[k]
+    r, delta = _rescale(parts.m, top.expand_as(parts.m))
+    total_s = (r * parts.s).sum(0)
+    total_t = (r * (parts.t + delta * parts.s)).sum(0)
+    if parts.a is None:
+        return Partials(top, total_s, total_t, None, None)
+    r, delta = r[..., None], delta[..., None]
+    total_a = (r * parts.a).sum(0)
+    total_b = (r * (parts.b + delta * parts.a)).sum(0)
     return Partials(top, total_s, total_t, total_a, total_b)
 
 
