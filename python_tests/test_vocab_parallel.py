@@ -9,8 +9,9 @@ One spawn of 3 processes runs every check, on the whole group and on a group of 
   result bitwise equal on a second call;
 - greedy and sampled tokens (temperature, min-p) equal to the unsharded
   ``select_next_token`` with an equally seeded generator, ties across a shard boundary;
-- bad input (a shard of the wrong size, D differing between ranks, a bad bias on one
-  rank, hidden.requires_grad differing, top-p with a sharded vocabulary) raises a clear
+- bad input (a shard of the wrong size, D differing between ranks, a bad bias or a
+  non-tensor hidden on one rank, hidden.requires_grad or the row count differing, top-p
+  with a sharded vocabulary) raises a clear
   error on every rank, after which the group still works.
 """
 
@@ -143,6 +144,8 @@ def _bad_input_checks(rank, world, group):
         vocab_parallel_linear_entropy(h2, w2, b, process_group=group)
     with pytest.raises(ValueError, match="bias must have shape" if rank == 0 else r"rank\(s\) \[0\]"):
         vocab_parallel_linear_entropy(hidden, w, b[:-1] if rank == 0 else b, process_group=group)
+    with pytest.raises(TypeError if rank == 0 else ValueError, match="hidden" if rank == 0 else r"rank\(s\) \[0\]"):
+        vocab_parallel_linear_entropy(hidden.tolist() if rank == 0 else hidden, w, b, process_group=group)
     with pytest.raises(ValueError, match="requires_grad"):
         vocab_parallel_linear_entropy(hidden.clone().requires_grad_(last), w, b, process_group=group)
     with pytest.raises(ValueError, match="rows"):

@@ -55,6 +55,7 @@ class VocabRows:
     def __init__(self, rows: torch.Tensor, group=None):
         """``group``: the process group the vocabulary is sharded over, or None (whole rows)."""
         self.rows = rows.shape[-1]
+        self.device = rows.device  # NCCL communicates only CUDA tensors
         self.group = group
         self._sizes: Optional[list] = None
 
@@ -66,7 +67,7 @@ class VocabRows:
         """Vocabulary rows of every rank, in rank order (one collective, then cached)."""
         if self._sizes is None:
             if self.sharded:
-                mine = torch.tensor([self.rows], dtype=torch.long)
+                mine = torch.tensor([self.rows], dtype=torch.long, device=self.device)
                 self._sizes = all_gather(mine, self.group)[:, 0].tolist()
             else:
                 self._sizes = [self.rows]
@@ -104,8 +105,7 @@ class VocabRows:
         value = x.gather(-1, index[:, None])[:, 0]
         rows = torch.full_like(index, self.rows)
         table = all_gather(torch.stack([value.double(), index.double(), rows.double()], -1), self.group)
-        sizes = table[:, 0, 2].long()
-        self._sizes = sizes.tolist()
+        sizes = table[:, 0, 2].long()  # offsets on the device: no host sync
         offsets = torch.cumsum(sizes, 0) - sizes
         best = table[..., 0].argmax(0)  # [B]: the rank holding each row's maximum
         batch = torch.arange(x.shape[0], device=table.device)

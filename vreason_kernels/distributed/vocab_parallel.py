@@ -27,6 +27,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vreason_kernels._checks import FLOAT_DTYPES
@@ -90,6 +91,15 @@ def _local_check(hidden, weight, bias, temperature, return_logits, backend) -> s
         if resolved != "torch":
             raise TypeError(f"hidden of dtype float64 is supported only by backend='torch', not {backend!r}")
     return resolved
+
+
+def _meta_device(hidden, group) -> torch.device:
+    """Where the argument check travels: hidden's device, or (hidden not even a tensor) the
+    current CUDA device under NCCL, else the CPU, so that a bad rank still joins the check."""
+    if isinstance(hidden, Tensor):
+        return hidden.device
+    nccl = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def _check_ranks(table: torch.Tensor, error: Optional[Exception], vocab_size: Optional[int]) -> None:
@@ -174,8 +184,7 @@ def vocab_parallel_linear_entropy(
         float(need_grad),
         float(BACKENDS.index(resolved)) if ok else -1.0,
     ]
-    device = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
-    _check_ranks(all_gather(torch.tensor(meta, dtype=torch.float64, device=device), group), error, vocab_size)
+    _check_ranks(all_gather(torch.tensor(meta, dtype=torch.float64, device=_meta_device(hidden, group)), group), error, vocab_size)
 
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     rows = hidden.reshape(-1, dim).contiguous()
