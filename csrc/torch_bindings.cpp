@@ -27,10 +27,11 @@ TORCH_LIBRARY(vreason_C, m) {
       "value_delta_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? delta_v, "
       "Tensor span_index, Tensor? attn_bias, float scale, bool causal) -> (Tensor, Tensor)");
   // Returns (grad_query, grad_delta_v) in f32; grad_delta_v is empty when delta_v is None.
+  // P is recomputed from lse, and FA's rowsum(dO * O) from P and the fp32 dO V'^T.
   m.def(
       "value_delta_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? delta_v, Tensor span_index, Tensor? attn_bias, float scale, bool causal, "
-      "Tensor out, Tensor lse) -> (Tensor, Tensor)");
+      "Tensor lse) -> (Tensor, Tensor)");
 }
 
 // Importing `vreason_kernels._C` runs the static registrations above; the module

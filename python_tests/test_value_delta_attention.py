@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vreason_kernels as vk
-from python_tests.utils import assert_close_to_reference
+from python_tests.utils import assert_close_to_reference, max_abs_err
 from vreason_kernels.ops.value_delta_attention import naive
 
 _NO_CPP = importlib.util.find_spec("vreason_kernels.ops.value_delta_attention.cpp") is None
@@ -89,6 +89,20 @@ def _shape(case, backend):
 def test_matches_reference(backend, dtype, case):
     shape, causal = _shape(case, backend)
     _check(backend, *_inputs(*shape, dtype), causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_output_is_rounded_to_nearest(backend, dtype):
+    """fp32 accumulation rounded once to the output dtype: the error is that of the float64
+    result rounded to nearest (a truncating cast, as the Triton interpreter's fp32 -> bf16,
+    doubles it)."""
+    shape, causal = _shape("decode3-gqa8-d80", backend)
+    query, key, value, delta, span = _inputs(*shape, dtype)
+    out = vk.value_delta_attention(query, key, value, delta, span, causal=causal, backend=backend)
+    ref = naive.value_delta_attention(*(x.double() for x in (query, key, value, delta)), span, causal=causal)
+    rounded = max_abs_err(ref.to(dtype), ref)
+    assert max_abs_err(out, ref) <= rounded + 1e-5 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -146,7 +146,7 @@ def test_non_contiguous_inputs():
 
 def _fwd_bwd(q, k, v, delta, si, mask, grad_out):
     out, lse = torch.ops.vreason_C.value_delta_attention_fwd(q, k, v, delta, si, mask, 0.125, True)
-    grads = torch.ops.vreason_C.value_delta_attention_bwd(grad_out, q, k, v, delta, si, mask, 0.125, True, out, lse)
+    grads = torch.ops.vreason_C.value_delta_attention_bwd(grad_out, q, k, v, delta, si, mask, 0.125, True, lse)
     return (out, lse) + tuple(grads)
 
 

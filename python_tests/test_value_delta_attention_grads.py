@@ -100,3 +100,48 @@ def test_prefill_grads_any_layout(backend, dtype, form):
 @pytest.mark.parametrize("form", ["mean", "strided"])
 def test_half_grads_any_layout(backend, dtype, form):
     check_against_reference(backend, *inputs(*SHAPES["decode"], dtype), form=form)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_grads_with_a_large_common_value(backend, shape):
+    """Values 30 + N(0, 1): the row term D = rowsum(dO * O) is then ~30x the spread of
+    dP that dQ depends on, which a dQ summed as two large sums would lose."""
+    query, key, value, delta, span = inputs(*SHAPES[shape], torch.float32)
+    check_against_reference(backend, query, key * 3, value + 30, delta, span)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("t,n", [(1, 1), (239, 1), (9, 9)], ids=["decode", "T>N", "prefill"])
+def test_query_seeing_one_key_gets_zero_dq(backend, dtype, t, n):
+    """Causal, bottom-right: query row ``T - N`` sees key 0 alone (rows before it see none),
+    and key 0 carries a delta. Its softmax is 1 whatever the query, so dq is exactly 0."""
+    b, hq, hkv, d = 2, 6, 2, 80
+    query, key, value = (torch.randn(b, h, m, d).to(dtype) for h, m in ((hq, t), (hkv, n), (hkv, n)))
+    delta = torch.randn(b, hkv, 1, d).to(dtype)
+    query.requires_grad_()
+    out = vk.value_delta_attention(query, key, value, delta, torch.tensor([0]), backend=backend)
+    out.backward(torch.randn_like(out))
+    lone = t - n
+    assert torch.equal(query.grad[:, :, : lone + 1], torch.zeros_like(query.grad[:, :, : lone + 1]))
+    assert (query.grad[:, :, lone + 1 :] != 0).any() or lone + 1 == t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_masked_to_one_key_in_a_later_chunk_gets_zero_dq(backend, dtype):
+    """A mask that leaves every query one key, in the last of the N chunks the backward
+    splits into (3 on the C++ backend at N = 1237, 3 in the interpreter at N = 131): the
+    chunks' partial dQs must merge to exactly 0."""
+    b, hq, hkv, t, d = 1, 4, 2, 3, 64
+    n = 131 if backend == "triton" else 1237
+    query, key, value = (torch.randn(b, h, m, d).to(dtype) for h, m in ((hq, t), (hkv, n), (hkv, n)))
+    span = torch.tensor([5, n - 20, n - 2])
+    delta = torch.randn(b, hkv, 3, d).to(dtype)
+    mask = torch.zeros(1, 1, t, n, dtype=torch.bool)
+    mask[..., n - 20] = True
+    query.requires_grad_()
+    out = vk.value_delta_attention(query, key, value, delta, span, attention_mask=mask, causal=False, backend=backend)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(query.grad, torch.zeros_like(query.grad))

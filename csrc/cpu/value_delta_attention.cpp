@@ -18,10 +18,20 @@
 // A row that sees no key has M = -inf: out = 0, lse = -inf (no e^{-inf - -inf}).
 //
 // Backward (FA2 with p recomputed from lse, so chunks need no rescaling):
-//   p = e^{s - lse},  dp_n = dO . v'_n,  dS = p (dp - Delta),  Delta = dO . O,
-//   dQ = scale sum_n dS_n k_n          (chunk partials, summed in chunk order),
+//   p = e^{s - lse},  dp_n = dO . v'_n,  dS = p (dp - Delta),
+//   dQ = scale sum_n dS_n k_n,
 //   g_n = dL/dv'_n = sum_r p_rn dO_r   (all R rows of the group live in one task, so
 //                                       g_n is complete there: no merge, no atomics).
+// Delta = dO . O is taken as the p-weighted mean of the same fp32 dp values,
+// sum_n p_n dp_n / sum_n p_n, not from the output rounded to fp16/bf16: a row whose p
+// is one-hot then gets dS = 0 exactly, as its softmax is constant. Delta is known only
+// once every chunk is done, so each chunk centres its dQ on its own running mean mu
+// and keeps kbar = sum_n p_n k_n; whenever mu moves to mu', the sum so far is re-centred
+// by (mu - mu') kbar. The merge re-centres the chunks on the row's Delta the same way:
+//   dQ = scale sum_c (dQ_c + (mu_c - Delta) kbar_c),  Delta = sum_c m_c mu_c / sum_c m_c,
+// with m_c = sum_{n in c} p_n, the chunk's probability mass. Each term stays centred
+// (no cancellation between two large sums), and a one-hot row has mu_c = Delta = dp
+// and dQ_c = 0.
 // At a span key, through §2.2 with u_hat = u/nu:
 //   d delta = gain (g - (g . u_hat) u_hat) = gain (g - (g . v') v' / ||v||^2),
 // using v' = gain u, so only v' (already in the tile) and gain are needed. When
@@ -202,10 +212,10 @@ struct Layout {
 
 // Per-thread scratch of one task.
 struct Scratch {
-  std::vector<float> s, dp, kbuf, vbuf, dbuf, gain, proj, g;
+  std::vector<float> s, dp, kbuf, vbuf, dbuf, gain, proj, g, total;
   Scratch(int64_t rows, int64_t dim)
       : s(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * dim), vbuf(kBlock * dim), dbuf(dim), gain(kBlock),
-        proj(kBlock), g(dim) {}
+        proj(kBlock), g(dim), total(rows) {}
 };
 
 // Upcasts nb rows (row stride ld) into buf (row stride dim).
@@ -329,40 +339,59 @@ void forward_task(const Layout& L, const float* q32, const scalar_t* key, const 
 
 // ---------------------------------------------------------------- backward
 
-// One (b, kv-head g, chunk c) task: the chunk's dQ partial [R, D] (unscaled), and the
-// finished grad_delta_v rows of the chunk's span keys.
+// total / mass, or 0 for a row that has seen no probability mass yet.
+inline float mean_or_zero(float total, float mass) { return mass > 0.f ? total / mass : 0.f; }
+
+// One (b, kv-head g, chunk c) task: the chunk's centred dQ partial dq [R, D] (unscaled),
+// kbar [R, D], mu [R] and mass [R] (see the header), and the finished grad_delta_v rows of
+// the chunk's span keys.
 template <typename scalar_t>
-void backward_task(const Layout& L, const float* q32, const float* do32, const float* rowsum, const float* lse,
-                   const scalar_t* key, const scalar_t* value, const scalar_t* delta, const int32_t* span_index,
-                   int64_t b, int64_t g, int64_t c, float* dq, float* grad_delta, Scratch& w) {
+void backward_task(const Layout& L, const float* q32, const float* do32, const float* lse, const scalar_t* key,
+                   const scalar_t* value, const scalar_t* delta, const int32_t* span_index, int64_t b, int64_t g,
+                   int64_t c, float* dq, float* kbar, float* mu, float* mass, float* grad_delta, Scratch& w) {
   const int64_t R = L.rows, D = L.D;
   const int64_t row0 = (b * L.Hq + g * L.G) * L.T;  // first of the group's R contiguous rows
   const float* q = q32 + row0 * D;
   const float* dout = do32 + row0 * D;
   const scalar_t* kbase = key + b * L.k_s[0] + g * L.k_s[1];
   std::fill(dq, dq + R * D, 0.f);
+  std::fill(kbar, kbar + R * D, 0.f);
+  std::fill(mass, mass + R, 0.f);
+  float* total = w.total.data();  // sum_n p_n dp_n so far
+  std::fill(total, total + R, 0.f);
   const int64_t end = std::min(L.N, (c + 1) * L.chunk);
   for (int64_t n0 = c * L.chunk; n0 < end; n0 += kBlock) {
     const int64_t nb = std::min(kBlock, end - n0);
     int64_t ldk;
     const float* k = score_tile(L, q, kbase, b, g, n0, nb, w, &ldk);
     float* p = w.s.data();
-    for (int64_t r = 0; r < R; ++r) {
-      float* pr = p + r * kBlock;
-      const float lr = lse[row0 + r];
-      if (lr == kNegInf) {  // a row that sees no key: p = 0
-        std::fill(pr, pr + nb, 0.f);
-      } else {
-        exp_shifted(pr, nb, lr);
-      }
-    }
     int64_t ldv;
     const float* v = modulated_tile(L, value, delta, span_index, b, g, n0, nb, w, &ldv);
     float* ds = w.dp.data();
     dot_tile(dout, R, v, ldv, nb, D, ds, kBlock);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < nb; ++j) ds[r * kBlock + j] = p[r * kBlock + j] * (ds[r * kBlock + j] - rowsum[row0 + r]);
+    for (int64_t r = 0; r < R; ++r) {
+      float* pr = p + r * kBlock;
+      float* dsr = ds + r * kBlock;
+      const float lr = lse[row0 + r];
+      float tile_mass = 0.f, tile_total = 0.f;
+      if (lr == kNegInf) {  // a row that sees no key: p = 0
+        std::fill(pr, pr + nb, 0.f);
+      } else {
+        tile_mass = exp_shifted(pr, nb, lr);
+        for (int64_t j = 0; j < nb; ++j) tile_total += pr[j] * dsr[j];
+      }
+      const float mu_old = mean_or_zero(total[r], mass[r]);
+      total[r] += tile_total;
+      mass[r] += tile_mass;
+      const float mu_new = mean_or_zero(total[r], mass[r]);
+      if (mu_new != mu_old) {  // re-centre the keys so far on the new mean
+        const float shift = mu_old - mu_new;
+        for (int64_t d = 0; d < D; ++d) dq[r * D + d] += shift * kbar[r * D + d];
+      }
+      for (int64_t j = 0; j < nb; ++j) dsr[j] = pr[j] * (dsr[j] - mu_new);
+    }
     accumulate_tile(dq, R, ds, kBlock, 1, k, ldk, nb, D);
+    accumulate_tile(kbar, R, p, kBlock, 1, k, ldk, nb, D);
     if (delta == nullptr) continue;
     for (int64_t j = 0; j < nb; ++j) {
       const int32_t row = span_index[n0 + j];
@@ -378,6 +407,7 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
       for (int64_t d = 0; d < D; ++d) out[d] = gain * (gv[d] - coef * vj[d]);
     }
   }
+  for (int64_t r = 0; r < R; ++r) mu[r] = mean_or_zero(total[r], mass[r]);
 }
 
 // ---------------------------------------------------------------- argument checks
@@ -558,37 +588,25 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index, const c10::optional<at::Tensor>& attn_bias,
-    double scale, bool causal, const at::Tensor& out, const at::Tensor& lse) {
+    double scale, bool causal, const at::Tensor& lse) {
   Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
   const char* op = "value_delta_attention (cpp): ";
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, std::pair{"out", &out}}) {
-    TORCH_CHECK(t->device().is_cpu() && t->sizes() == query.sizes() && t->is_floating_point(), op, name,
-                " must be a floating CPU tensor of query's shape ", query.sizes(), ", got ", t->scalar_type(),
-                " of shape ", t->sizes(), " on ", t->device());
-  }
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.sizes() == query.sizes() && grad_out.is_floating_point(), op,
+              "grad_out must be a floating CPU tensor of query's shape ", query.sizes(), ", got ",
+              grad_out.scalar_type(), " of shape ", grad_out.sizes(), " on ", grad_out.device());
   TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == L.B &&
                   lse.size(1) == L.Hq && lse.size(2) == L.T,
               op, "lse must be a float32 CPU tensor of shape [B, Hq, T] = [", L.B, ", ", L.Hq, ", ", L.T, "], got ",
               lse.scalar_type(), " of shape ", lse.sizes());
   const Inputs in = prepare(L, query, key, value, delta_v, span_index, attn_bias, scale);
   const at::Tensor do32 = grad_out.to(at::kFloat).contiguous();
-  const at::Tensor out32 = out.to(at::kFloat).contiguous();
   const at::Tensor lse_c = lse.contiguous();
   const int64_t R = L.rows, D = L.D, rows = L.B * L.Hq * L.T, tasks = L.B * L.Hkv * L.nchunk;
-  // Delta_r = dO_r . O_r, once per row.
-  std::vector<float> rowsum(rows);
-  {
-    const float* a = do32.data_ptr<float>();
-    const float* o = out32.data_ptr<float>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dot_tile(a + r * D, 1, o + r * D, D, 1, D, &rowsum[r], 1);
-    });
-  }
   at::Tensor grad_query = new_output({L.B, L.Hq, L.T, D}, query.options().dtype(at::kFloat));
   at::Tensor grad_delta = delta_v.has_value() ? new_output({L.B, L.Hkv, L.S, D}, query.options().dtype(at::kFloat))
                                               : new_output({0}, query.options().dtype(at::kFloat));
-  std::vector<float> part_dq(tasks * R * D);
+  // Partials of task i: centred dQ and kbar [R, D], mean mu and mass [R] (see the header).
+  std::vector<float> part_dq(tasks * R * D), part_kbar(tasks * R * D), part_mu(tasks * R), part_mass(tasks * R);
   AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_FLOAT_CASES([&] {
     const scalar_t* k = in.key.data_ptr<scalar_t>();
     const scalar_t* v = in.value.data_ptr<scalar_t>();
@@ -599,24 +617,34 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
       Scratch w(R, D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i % L.nchunk, bg = i / L.nchunk;
-        backward_task(L, in.q32.data_ptr<float>(), do32.data_ptr<float>(), rowsum.data(), lse_c.data_ptr<float>(),
-                      k, v, dv, si, bg / L.Hkv, bg % L.Hkv, c, part_dq.data() + i * R * D, gd, w);
+        backward_task(L, in.q32.data_ptr<float>(), do32.data_ptr<float>(), lse_c.data_ptr<float>(), k, v, dv, si,
+                      bg / L.Hkv, bg % L.Hkv, c, part_dq.data() + i * R * D, part_kbar.data() + i * R * D,
+                      part_mu.data() + i * R, part_mass.data() + i * R, gd, w);
       }
     });
   }));
-  // dQ = scale * sum of the chunk partials, in ascending chunk order. With N = 0 there
-  // are no chunks and dQ is 0, as for any row that sees no key.
+  // dQ = scale sum_c (dQ_c + (mu_c - Delta) kbar_c), in ascending chunk order.
   float* gq = grad_query.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
       const int64_t r = (h % L.G) * L.T + t, task0 = (b * L.Hkv + h / L.G) * L.nchunk;
+      float mass = 0.f, total = 0.f;
+      for (int64_t c = 0; c < L.nchunk; ++c) {
+        const int64_t i = (task0 + c) * R + r;
+        mass += part_mass[i];
+        total += part_mass[i] * part_mu[i];
+      }
+      const float delta_row = mean_or_zero(total, mass);
       float* o = gq + row * D;
       std::fill(o, o + D, 0.f);
       for (int64_t c = 0; c < L.nchunk; ++c) {
-        const float* p = part_dq.data() + ((task0 + c) * R + r) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += p[d];
+        const int64_t i = (task0 + c) * R + r;
+        const float shift = part_mu[i] - delta_row;
+        const float* pdq = part_dq.data() + i * D;
+        const float* pkbar = part_kbar.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += pdq[d] + shift * pkbar[d];
       }
       for (int64_t d = 0; d < D; ++d) o[d] *= fscale;
     }

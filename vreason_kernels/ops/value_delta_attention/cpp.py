@@ -15,7 +15,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     )
 
 
-def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
+def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, lse):
     return torch.ops.vreason_C.value_delta_attention_bwd(
-        grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse
+        grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, lse
     )

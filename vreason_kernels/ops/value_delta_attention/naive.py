@@ -128,6 +128,12 @@ def _probs(query, key, attn_bias, scale: float, causal: bool, lse: Optional[torc
     return p, lse
 
 
+def p_weighted_mean(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j x_j / sum_j p_j over the last dim (keepdim), 0 where every p_j is 0."""
+    mass = p.sum(-1, keepdim=True)
+    return (p * x).sum(-1, keepdim=True) / torch.where(mass > 0, mass, torch.ones_like(mass))
+
+
 def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool):
     """Backend contract: (out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T])."""
     p, lse = _probs(query, key, attn_bias, scale, causal)
@@ -135,13 +141,17 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     return out.view(query.shape).to(query.dtype), lse.flatten(1, 2)
 
 
-def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
+def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, lse):
     """Backend contract: (grad_query f32 [B, Hq, T, D], grad_delta_v f32 [B, Hkv, S, D] | [0]).
 
     FA2 backward with P recomputed from lse:
         dV' = P^T dO summed over the q-heads of each kv group,
-        dS  = P * (dO V'^T - D),  D = rowsum(dO * O),   dQ = scale dS K,
+        dS  = P * (dP - D),  dP = dO V'^T,  D = sum_j P_j dP_j / sum_j P_j,   dQ = scale dS K,
     and at span rows dV' goes through §2.2: d delta = (||v||/n) (g - (g.u_hat) u_hat).
+
+    D is rowsum(dO * O) taken from the very dP values that dS subtracts it from, not from
+    the output rounded to fp16/bf16 (whose V' rounding differs from the fp32 V' of dP): a
+    row whose P is one-hot then gets dS = 0 and dQ = 0 exactly, as its softmax is constant.
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
@@ -149,8 +159,8 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     p = p.flatten(2, 3)  # [B, Hkv, G T, N]: the group's rows share K and V'
     v_mod = _modulated_values(value, delta_v, span_index)
     do = _acc(grad_out).reshape(p.shape[:-1] + (d,))
-    rowsum = (do * _acc(out).reshape(do.shape)).sum(-1, keepdim=True)
-    ds = p * (do @ v_mod.transpose(-1, -2) - rowsum)
+    dp = do @ v_mod.transpose(-1, -2)
+    ds = p * (dp - p_weighted_mean(p, dp))
     grad_query = (scale * (ds @ _acc(key))).view(query.shape)
     if delta_v is None:
         return grad_query, query.new_empty(0, dtype=grad_query.dtype)

@@ -3,9 +3,11 @@
 The public function validates the arguments, turns ``span`` into ``span_index [N]``
 (position -> row of ``delta_v``, or -1) and a boolean mask into an additive f32 bias
 (0 / -inf) expanded to ``[B, Hq, T, N]`` without copying, then calls the backend's
-forward. The backward needs only ``(out, lse)`` from it: P is recomputed from lse, as in
-flash-attention, and the gradient of ``delta_v`` is chained through §2.2 inside the
-backend (DESIGN.md §2.3).
+forward. The backward needs only ``lse`` from it: P is recomputed from lse, as in
+flash-attention, and so is FA's row term ``D = rowsum(dO * O)``, as ``sum_j P_j dP_j``
+from the fp32 dP (the output, rounded to the input dtype, would leave a row whose
+softmax is one-hot a dQ of rounding noise instead of 0). The gradient of ``delta_v`` is
+chained through §2.2 inside the backend (DESIGN.md §2.3).
 """
 
 from typing import Optional
@@ -70,17 +72,16 @@ def _attention_bwd(
     attn_bias: Optional[Tensor],
     scale: float,
     causal: bool,
-    out: Tensor,
     lse: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return _backend_impl(backend).backward(
-        grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse
+        grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, lse
     )
 
 
 @_attention_bwd.register_fake
-def _(grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, out, lse, backend):
+def _(grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal, lse, backend):
     acc = accumulator_dtype(query.dtype)
     grad_delta = query.new_empty(0, dtype=acc) if delta_v is None else delta_v.new_empty(delta_v.shape, dtype=acc)
     return query.new_empty(query.shape, dtype=acc), grad_delta
@@ -88,19 +89,19 @@ def _(grad_out, query, key, value, delta_v, span_index, attn_bias, scale, causal
 
 def _setup_context(ctx, inputs, output):
     query, key, value, delta_v, span_index, attn_bias, scale, causal, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, delta_v, span_index, attn_bias, out, lse)
+    _, lse = output
+    ctx.save_for_backward(query, key, value, delta_v, span_index, attn_bias, lse)
     ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, delta_v, span_index, attn_bias, out, lse = ctx.saved_tensors
+    query, key, value, delta_v, span_index, attn_bias, lse = ctx.saved_tensors
     need_query, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     grad_query = grad_delta = None
     if need_query or need_delta:
         grad_query, grad_delta = _attention_bwd(
             grad_out.contiguous(), query, key, value, delta_v, span_index, attn_bias,
-            ctx.scale, ctx.causal, out, lse, ctx.backend,
+            ctx.scale, ctx.causal, lse, ctx.backend,
         )  # fmt: skip
         grad_query = grad_query.to(query.dtype) if need_query else None
         grad_delta = grad_delta.to(delta_v.dtype) if need_delta else None

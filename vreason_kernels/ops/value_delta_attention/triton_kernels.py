@@ -17,13 +17,18 @@ fp32, then the online softmax. With one split (prefill) the program finishes the
 with several (flash-decoding: small T, long N) each split writes ``(acc, m, l)`` to
 scratch and ``_merge_kernel`` folds the splits in a fixed order.
 
-Backward (P recomputed from lse, ``D_r = rowsum(dO * O)`` precomputed):
+Backward (P recomputed from lse): ``dQ = scale (P * (dP - D)) K`` with ``dP = dO V'^T`` and
+FA's row term ``D = rowsum(dO * O)`` taken as ``sum_j P_j dP_j / sum_j P_j`` from the same
+fp32 dP, not from the output rounded to fp16/bf16 (whose V' differs from the fp32 V' of
+dP by that rounding): a row whose P is one-hot gets dQ = 0 exactly, as its softmax is
+constant. D is known only after the last key, so dQ is kept centred on the running mean
+of dP (``_centred_dq_step``) and re-centred on D at the end.
 - ``_backward_dv_kernel``, grid ``(B Hkv, N chunks)``: each program owns its positions,
   loops over every packed row tile, accumulates ``dV' = P^T dO`` and, at span rows, writes
   ``d delta = (||v||/n) (g - (g.u_hat) u_hat)`` straight to the row ``span_index`` names
   (each row has exactly one owner). When all rows fit one tile (decode) it also
-  accumulates ``dQ`` partials ``scale (P * (dO V'^T - D)) K`` per chunk, so K and V are
-  read once for the whole backward; the chunks are summed in order afterwards.
+  accumulates the chunk's centred dQ partial, so K and V are read once for the whole
+  backward; ``_merge_dq_kernel`` folds the chunks in order afterwards.
 - ``_backward_dq_kernel``, grid ``(B Hkv, row tiles)`` (many rows: prefill): each
   program loops over the N tiles its rows can see and owns its dQ rows.
 
@@ -207,10 +212,26 @@ def _forward_kernel(
 
 
 @triton.jit
+def _bf16_nearest(x):
+    """fp32 ``x`` rounded to the nearest bfloat16 (ties to even), still as fp32.
+
+    The GPU's fp32 -> bf16 cast rounds so, but the interpreter's truncates (it drops the
+    low 16 bits: up to 1 ulp of error, not 1/2, which doubled the bf16 output error of the
+    CPU tests); after this the cast is exact on both. NaN stays NaN, and a value past
+    bf16's largest finite becomes inf, as the cast would make it.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _finish(out_ptr, lse_ptr, offs, lse_offs, mask, row_ok, acc, m, l):
     """out = acc / l and lse = m + log l; a row that saw no key (l = 0) gets 0 and -inf."""
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        out = _bf16_nearest(out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + lse_offs, tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), _NEG_INF), mask=row_ok)
 
@@ -258,8 +279,31 @@ def _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_
 
 
 @triton.jit
+def _mean_or_zero(total, mass):
+    return tl.where(mass > 0, total / tl.where(mass > 0, mass, 1.0), 0.0)
+
+
+@triton.jit
+def _centred_dq_step(p, dp, k, dq, kbar, total, mass, PRECISION: tl.constexpr):
+    """One key tile of ``dq = sum_j p_j (dp_j - mu) k_j`` (dQ / scale) with ``mu`` the
+    p-weighted mean of dp over the keys so far: ``total / mass``, ``total = sum p dp``,
+    ``mass = sum p``. When mu moves to mu', the tiles before shift by ``(mu - mu') kbar``,
+    ``kbar = sum_j p_j k_j``, so every term stays centred (no cancellation between two
+    large sums) and after the last key mu = D. A one-hot row has mu = dp there: dq = 0.
+    """
+    mu_old = _mean_or_zero(total, mass)
+    total += tl.sum(p * dp, axis=1)
+    mass += tl.sum(p, axis=1)
+    mu = _mean_or_zero(total, mass)
+    dq += (mu_old - mu)[:, None] * kbar
+    dq = tl.dot(p * (dp - mu[:, None]), k, dq, input_precision=PRECISION)
+    kbar = tl.dot(p, k, kbar, input_precision=PRECISION)
+    return dq, kbar, total, mass
+
+
+@triton.jit
 def _backward_dv_kernel(
-    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, di_ptr, gdlt_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, gdlt_ptr, dq_ptr, kbar_ptr, stat_ptr,
     Hkv, G, T, N, D, S, chunk, scale,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bt, stride_bn,
@@ -270,8 +314,9 @@ def _backward_dv_kernel(
 
     Per key tile: ``g = dV' = sum over row tiles of P^T dO`` (all q-heads of the group,
     all queries), then at span rows ``d delta = (||v||/n) (g - (g.u_hat) u_hat)`` with
-    ``u_hat = u/n``. With FUSE_DQ (every packed row in one tile) also
-    ``dQ_chunk = scale sum_tiles (P * (dO V'^T - D)) K``, stored at ``[chunk]``.
+    ``u_hat = u/n``. With FUSE_DQ (every packed row in one tile) also the chunk's
+    ``_centred_dq_step`` state: dq and kbar ``[rows, D]`` at ``[chunk]`` of dq_ptr and
+    kbar_ptr, the mean mu and mass ``[rows, 2]`` at ``[chunk]`` of stat_ptr.
     """
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -286,6 +331,9 @@ def _backward_dv_kernel(
     n_start = pid_n * chunk
     n_end = tl.minimum(n_start + chunk, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kbar = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
@@ -304,9 +352,8 @@ def _backward_dv_kernel(
                 do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 grad_v = tl.dot(tl.trans(p), do, grad_v, input_precision=PRECISION)
                 if FUSE_DQ:
-                    di = tl.load(di_ptr + lse_offs, mask=row_ok, other=0.0)
                     dp = tl.dot(do, tl.trans(v_mod), input_precision=PRECISION)
-                    dq = tl.dot(p * (dp - di[:, None]), k, dq, input_precision=PRECISION)
+                    dq, kbar, total, mass = _centred_dq_step(p, dp, k, dq, kbar, total, mass, PRECISION)
         if HAS_DELTA:
             norm_v, n = _norms(v, u)
             u_hat = u / n[:, None]
@@ -318,19 +365,51 @@ def _backward_dv_kernel(
     if FUSE_DQ:
         rows, row_ok, t, head, offs, _, _ = _rows(pid_bh, 0, Hkv, G, T, D, BLOCK_M, BLOCK_D)
         part = pid_n.to(tl.int64) * tl.num_programs(0) * G * T * D
-        tl.store(dq_ptr + part + offs, dq * scale, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(dq_ptr + part + offs, dq, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(kbar_ptr + part + offs, kbar, mask=row_ok[:, None] & d_ok[None, :])
+        stat = 2 * ((pid_n * tl.num_programs(0) + pid_bh).to(tl.int64) * G * T + rows)
+        tl.store(stat_ptr + stat, _mean_or_zero(total, mass), mask=row_ok)
+        tl.store(stat_ptr + stat + 1, mass, mask=row_ok)
+
+
+@triton.jit
+def _merge_dq_kernel(dq_ptr, kbar_ptr, stat_ptr, grad_ptr, Hkv, G, T, D, CHUNKS, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold the chunks' ``_centred_dq_step`` states in order, re-centred on the row term
+    ``D = sum_c mass_c mu_c / sum_c mass_c``: ``dQ = scale sum_c (dq_c + (mu_c - D) kbar_c)``."""
+    pid_bh = tl.program_id(0)
+    rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, tl.program_id(1), Hkv, G, T, D, BLOCK_M, BLOCK_D)
+    mask = row_ok[:, None] & d_ok[None, :]
+    num_bh = tl.num_programs(0)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c in range(CHUNKS):
+        stat = 2 * ((c * num_bh + pid_bh).to(tl.int64) * G * T + rows)
+        mass_c = tl.load(stat_ptr + stat + 1, mask=row_ok, other=0.0)
+        mass += mass_c
+        total += mass_c * tl.load(stat_ptr + stat, mask=row_ok, other=0.0)
+    row_term = _mean_or_zero(total, mass)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c in range(CHUNKS):
+        stat = 2 * ((c * num_bh + pid_bh).to(tl.int64) * G * T + rows)
+        shift = tl.load(stat_ptr + stat, mask=row_ok, other=0.0) - row_term
+        part = c * num_bh.to(tl.int64) * G * T * D
+        dq += tl.load(dq_ptr + part + offs, mask=mask, other=0.0)
+        dq += shift[:, None] * tl.load(kbar_ptr + part + offs, mask=mask, other=0.0)
+    tl.store(grad_ptr + offs, dq * scale, mask=mask)
 
 
 @triton.jit
 def _backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, di_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, dlt_ptr, idx_ptr, bias_ptr, do_ptr, lse_ptr, dq_ptr,
     Hkv, G, T, N, D, S, scale,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bt, stride_bn,
     HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dQ = scale sum_keys (P * (dO V'^T - D)) K`` for one tile of packed rows (FA2's dQ)."""
+    """``dQ = scale sum_keys (P * (dO V'^T - D)) K`` for one tile of packed rows (FA2's dQ,
+    with D found on the way: ``_centred_dq_step``)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // Hkv
@@ -343,9 +422,11 @@ def _backward_dq_kernel(
     dlt_off = pid_bh.to(tl.int64) * S * D
     bias_off = b.to(tl.int64) * stride_bb
     do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    di = tl.load(di_ptr + lse_offs, mask=row_ok, other=0.0)
     n_end = _last_visible(t, row_ok, N, T, CAUSAL)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kbar = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
@@ -358,7 +439,7 @@ def _backward_dq_kernel(
         p = _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_ok, cols, col_ok,
                         bias_off, stride_bh, stride_bt, stride_bn, scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dq = tl.dot(p * (dp - di[:, None]), k, dq, input_precision=PRECISION)
+        dq, kbar, total, mass = _centred_dq_step(p, dp, k, dq, kbar, total, mass, PRECISION)
     tl.store(dq_ptr + offs, dq * scale, mask=mask)
 
 
@@ -461,7 +542,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     return out, lse
 
 
-def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, out, lse):
+def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, lse):
     """(grad_query f32 [B, Hq, T, D], grad_delta_v f32 [B, Hkv, S, D] | [0])."""
     b, hkv, g, t, n, d, s = _shape(query, key, delta_v)
     device = query.device
@@ -470,7 +551,6 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     grad_delta = new_output(delta_v.shape if delta_v is not None else (0,), **f32)
     has_delta = delta_v is not None and s > 0
     delta_v = delta_v.contiguous() if has_delta else None
-    di = (grad_out.float() * out.float()).sum(-1)  # D_r = rowsum(dO * O), [B, Hq, T]
     blocks = _blocks(g * t, d)
     fuse_dq = g * t <= blocks["BLOCK_M"]
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
@@ -480,19 +560,27 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     # key tile per program, which then loops over thousands of rows.
     chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], sm_count_or_none(device)) if fuse_dq else blocks["BLOCK_N"]
     chunks = triton.cdiv(n, chunk)
-    dq_parts = torch.empty((chunks, b * hkv * g * t * d) if fuse_dq else (0,), **f32)  # fully written
+    rows = b * hkv * g * t
+    # Fully written when fuse_dq (every chunk stores every row), unused otherwise.
+    dq_parts = torch.empty((chunks, rows * d) if fuse_dq else (0,), **f32)
+    kbar_parts = torch.empty_like(dq_parts)
+    stats = torch.empty((chunks, rows, 2) if fuse_dq else (0,), **f32)
     if has_delta or fuse_dq:
         _backward_dv_kernel[(b * hkv, chunks)](
-            query, *args["pointers"], grad_out, lse, di, grad_delta, dq_parts,
+            query, *args["pointers"], grad_out, lse, grad_delta, dq_parts, kbar_parts, stats,
             hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
             HAS_DELTA=has_delta, FUSE_DQ=fuse_dq, **common,
         )
     if fuse_dq:
-        grad_query = dq_parts.sum(0).view(query.shape)  # fixed-order reduction over the chunks
+        grad_query = new_output(query.shape, **f32)
+        _merge_dq_kernel[(b * hkv, 1)](
+            dq_parts, kbar_parts, stats, grad_query, hkv, g, t, d, chunks, float(scale),
+            BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **_LAUNCH_OPTS,
+        )
     else:
         grad_query = new_output(query.shape, **f32)
         _backward_dq_kernel[(b * hkv, triton.cdiv(g * t, blocks["BLOCK_M"]))](
-            query, *args["pointers"], grad_out, lse, di, grad_query,
+            query, *args["pointers"], grad_out, lse, grad_query,
             hkv, g, t, n, d, s, float(scale), *args["strides"],
             HAS_DELTA=has_delta, **common,
         )
