@@ -171,3 +171,74 @@ def test_prune_cache_rejects_bad_caches():
     model = tiny_llama(num_hidden_layers=1)
     with pytest.raises(ValueError, match="empty"):
         prune_cache(DynamicCache(config=model.config), torch.tensor([0]), 0.5)
+
+
+# ---- bad-input sweep (issue 8 §5): a clear error naming the argument, or the right result
+
+
+def _kept_by_float64_norm(value: torch.Tensor, span: torch.Tensor, n_keep: int) -> list:
+    """The span positions each batch row keeps, ranked by the float64 norm (earlier on ties)."""
+    norms = value.double()[:, :, span].square().sum(dim=(1, 3))
+    order = torch.sort(norms, dim=1, descending=True, stable=True).indices[:, :n_keep]
+    return [sorted(span[row].tolist()) for row in order]
+
+
+@pytest.mark.parametrize(
+    "make_value",
+    [
+        pytest.param(lambda v: v * 1e30, id="fp32-squares-past-float32"),
+        pytest.param(lambda v: (v * 1e36).bfloat16(), id="bf16-squares-past-float32"),
+        pytest.param(lambda v: v[:1, :1].expand_as(v), id="expanded"),
+        pytest.param(lambda v: v.transpose(1, 2).contiguous().transpose(1, 2), id="transposed"),
+        pytest.param(lambda v: torch.stack([v, v], -1)[..., 1], id="strided-last"),
+    ],
+)
+def test_ranks_by_exact_norm_in_any_layout(make_value):
+    """Squares past float32's range once tied every norm at inf (kept by position)."""
+    span = torch.tensor([0, 2, 3, 5, 6, 8])
+    value = make_value(torch.randn(2, 3, 9, 5))
+    key = torch.randn(value.shape, dtype=value.dtype)
+    _, v2, kept = vk.prune_kv(key, value, span, 0.5)
+    wanted = _kept_by_float64_norm(value, span, 3)
+    for row in range(2):
+        assert [p for p in kept[row].tolist() if p in span.tolist()] == wanted[row]
+    assert torch.equal(v2, value.gather(2, kept[:, None, :, None].expand(2, 3, kept.shape[1], 5)))
+
+
+def test_keep_ratio_1e_9_keeps_one_span_row():
+    value = torch.randn(2, 2, 9, 4)
+    key, v2, kept = vk.prune_kv(torch.randn(2, 2, 9, 4), value, torch.tensor([1, 4, 5]), 1e-9)
+    assert kept.shape == (2, 7) and v2.shape == (2, 2, 7, 4)
+
+
+def test_empty_batch_and_empty_cache():
+    key, value, kept = vk.prune_kv(torch.randn(0, 2, 9, 4), torch.randn(0, 2, 9, 4), torch.tensor([1, 4, 5]), 0.5)
+    assert key.shape == (0, 2, 8, 4) and kept.shape == (0, 8)
+    empty = torch.zeros(2, 2, 0, 4)
+    key, value, kept = vk.prune_kv(empty, empty, torch.tensor([], dtype=torch.int64), 0.5)
+    assert key.shape == (2, 2, 0, 4) and kept.shape == (2, 0)
+
+
+def test_inf_value_rows_rank_first():
+    value = torch.randn(1, 2, 9, 4)
+    value[0, 1, 5, 0] = float("inf")
+    _, _, kept = vk.prune_kv(torch.randn(1, 2, 9, 4), value, torch.tensor([1, 4, 5]), 0.3)
+    assert 5 in kept[0].tolist() and 1 not in kept[0].tolist() and 4 not in kept[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(key=torch.randn(2, 2, 9, 4, device="meta"), value=torch.randn(2, 2, 9, 4, device="meta"),
+          span=torch.tensor([1, 4], device="meta")), ValueError, "key must be on a CPU or CUDA device"),
+        (dict(span=torch.tensor([1, 4], device="meta")), ValueError, "span must have the same device"),
+        (dict(span=torch.tensor([True, False])), TypeError, "span must be an int32/int64"),
+        (dict(span=torch.tensor(3)), ValueError, "span must have 1 dims"),
+        (dict(key=torch.ones(2, 2, 9, 4, dtype=torch.int64)), TypeError, "key must be a floating tensor"),
+        (dict(keep_ratio=torch.tensor(0.5)), TypeError, "keep_ratio must be a float"),
+        (dict(keep_ratio=float("inf")), ValueError, "keep_ratio must be finite"),
+        (dict(keep_ratio=-1e-9), ValueError, "keep_ratio"),
+    ],
+)  # fmt: skip
+def test_more_bad_input(kwargs, error, match):
+    test_bad_input(kwargs, error, match)

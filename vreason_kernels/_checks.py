@@ -28,6 +28,13 @@ def check_tensor(
     return t
 
 
+def check_device_type(name: str, t: torch.Tensor) -> None:
+    """The kernels run on CPU and CUDA only; meta/mps/xpu tensors get a clear error here,
+    not a failure deep in a backend (a ``.item()`` on a meta tensor, say)."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+
+
 def check_same(attr: str, reference: str, ref: torch.Tensor, others: Sequence[tuple]) -> None:
     """Every (name, tensor) in ``others`` must share ``ref``'s dtype or device (``attr``)."""
     want = getattr(ref, attr)

@@ -269,6 +269,17 @@ const float* modulated_tile(const Layout& L, const scalar_t* value, const scalar
   return w.vbuf.data();
 }
 
+// The largest of x[0, n), or NaN when one is NaN: std::max_element skips a NaN, which
+// let a NaN query pass as a row that sees no key (output 0 and lse -inf, not NaN).
+inline float max_or_nan(const float* x, int64_t n) {
+  float mx = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return x[j];
+    mx = std::max(mx, x[j]);
+  }
+  return mx;
+}
+
 // Adds the bias to, and hides causally masked keys of, the scores s [R, kBlock] of
 // keys [n0, n0 + nb) for (b, kv-head g).
 void mask_scores(const Layout& L, int64_t b, int64_t g, int64_t n0, int64_t nb, float* s) {
@@ -318,7 +329,13 @@ void forward_task(const Layout& L, const float* q32, const scalar_t* key, const 
     float* s = w.s.data();
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kBlock;
-      const float m_new = std::max(m[r], *std::max_element(sr, sr + nb));
+      const float tile_max = max_or_nan(sr, nb);
+      const float m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);  // keeps a NaN m
+      if (std::isnan(m_new)) {  // NaN input: poison the partial, so the merge gives NaN, not "no key"
+        m[r] = l[r] = m_new;
+        std::fill(sr, sr + nb, m_new);
+        continue;
+      }
       if (m_new == kNegInf) {  // every key so far hidden: nothing to add, keep m = -inf
         std::fill(sr, sr + nb, 0.f);
         continue;
@@ -562,7 +579,10 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& q
         const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
         const int64_t r = (h % L.G) * L.T + t, task0 = (b * L.Hkv + h / L.G) * L.nchunk;
         float mx = kNegInf;
-        for (int64_t c = 0; c < L.nchunk; ++c) mx = std::max(mx, part_m[(task0 + c) * R + r]);
+        for (int64_t c = 0; c < L.nchunk; ++c) {
+          const float pm = part_m[(task0 + c) * R + r];
+          mx = std::isnan(pm) ? pm : std::max(mx, pm);  // a NaN partial stays NaN (std::max keeps a NaN mx)
+        }
         std::fill(acc.begin(), acc.end(), 0.f);
         float total = 0.f;
         if (mx != kNegInf) {

@@ -5,7 +5,8 @@ The op is a sort and a gather, so plain torch serves every device; it runs once 
 prompt, not per token.
 
 The norm of a position is the L2 norm of its value over all kv heads and head_dim,
-``||value[b, :, i, :]||``, computed in float32 (float64 for float64 input), per batch row.
+``||value[b, :, i, :]||``, per batch row, computed in float64: squares of large fp32/bf16
+values overflow float32 (every such norm would tie at inf and rank by position).
 Ties are broken towards the EARLIER position: a stable descending sort keeps equal norms
 in position order, so the same input always keeps the same positions.
 """
@@ -15,7 +16,14 @@ import math
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_number, check_positions, check_positions_values, check_same, check_tensor
+from vreason_kernels._checks import (
+    check_device_type,
+    check_number,
+    check_positions,
+    check_positions_values,
+    check_same,
+    check_tensor,
+)
 
 # keep_ratio * S is rounded up; the tolerance stops float error (0.3 * 10 = 3.0000000000000004)
 # from keeping one row more than the ratio means.
@@ -37,8 +45,7 @@ def _keep_count(keep_ratio: object, s: int) -> int:
 def _kept_positions(value: Tensor, span: Tensor, n_keep: int) -> Tensor:
     """int64 ``[B, N - S + n_keep]``: positions kept in each batch row, increasing."""
     b, _, n, _ = value.shape
-    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
-    norms = value.index_select(2, span).to(acc).square().sum(dim=(1, 3))  # [B, S], squared norm: same order
+    norms = value.index_select(2, span).double().square().sum(dim=(1, 3))  # [B, S], squared norm: same order
     if torch.isnan(norms).any():
         raise ValueError("value has NaN in the span rows; their norms cannot be ranked")
     order = torch.sort(norms, dim=1, descending=True, stable=True).indices[:, :n_keep]
@@ -72,6 +79,7 @@ def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tup
         raise ValueError(
             f"key and value must have the same shape [B, Hkv, N, D], got {tuple(key.shape)} and {tuple(value.shape)}"
         )
+    check_device_type("key", key)
     check_same("dtype", "key", key, [("value", value)])
     check_same("device", "key", key, [("value", value), ("span", span if isinstance(span, Tensor) else None)])
     b, _, n, _ = key.shape

@@ -123,8 +123,9 @@ def _probs(query, key, attn_bias, scale: float, causal: bool, lse: Optional[torc
     s = _scores(_acc(query), _acc(key), attn_bias, scale, causal)
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse).unsqueeze(-1)
-    p = torch.where(finite, torch.exp(s - torch.where(finite, lse.unsqueeze(-1), 0.0)), 0.0)
+    # Only lse = -inf means "sees no key"; a NaN lse (NaN input) must give NaN, not 0.
+    seen = (lse != float("-inf")).unsqueeze(-1)
+    p = torch.where(seen, torch.exp(s - torch.where(seen, lse.unsqueeze(-1), 0.0)), 0.0)
     return p, lse
 
 

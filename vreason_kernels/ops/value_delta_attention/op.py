@@ -15,7 +15,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_number, check_positions, check_positions_values, check_same, check_tensor
+from vreason_kernels._checks import (
+    check_bool,
+    check_device_type,
+    check_number,
+    check_positions,
+    check_positions_values,
+    check_same,
+    check_tensor,
+)
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
 from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
 
@@ -53,7 +61,27 @@ def _attention_fwd(
     causal: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _backend_impl(backend).forward(query, key, value, delta_v, span_index, attn_bias, scale, causal)
+    out, lse = _backend_impl(backend).forward(query, key, value, delta_v, span_index, attn_bias, scale, causal)
+    _check_scores_fit(query, key, attn_bias, scale, lse)
+    return out, lse
+
+
+def _check_scores_fit(query: Tensor, key: Tensor, attn_bias: Optional[Tensor], scale: float, lse: Tensor) -> None:
+    """A row whose scores ``scale q.k`` overflow the accumulator dtype gets lse = +inf or NaN
+    (inf - inf in the softmax) from finite input: raise instead of returning its NaN/0 row.
+
+    CPU only, and the input scan only when some lse is bad: on CUDA the check would cost a
+    host sync per decode step, so there such rows stay NaN (as in PyTorch's SDPA). A NaN or
+    +inf among the inputs makes NaN rows the expected, propagated result.
+    """
+    if lse.device.type != "cpu" or not bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+        return
+    finite = bool(torch.isfinite(query).all()) and bool(torch.isfinite(key).all())
+    if finite and (attn_bias is None or not bool((torch.isnan(attn_bias) | (attn_bias == float("inf"))).any())):
+        raise ValueError(
+            f"scale * query.key overflows {lse.dtype} for these inputs (scale = {scale}); "
+            "use a smaller scale or smaller query/key values"
+        )
 
 
 @_attention_fwd.register_fake
@@ -111,8 +139,9 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(query, key, value, delta_v, span, attention_mask, scale) -> None:
+def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal) -> None:
     check_tensor("query", query, ndim=4)
+    check_device_type("query", query)
     check_tensor("key", key, ndim=4)
     check_tensor("value", value, ndim=4)
     b, hq, t, d = query.shape
@@ -155,6 +184,7 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale) -> None
             )
     if scale is not None:
         check_number("scale", scale)
+    check_bool("causal", causal)
     for name, x in (("key", key), ("value", value)):
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError(
@@ -192,15 +222,17 @@ def value_delta_attention(
         span: int32/int64 ``[S]``, sorted unique positions in ``[0, N)``.
         attention_mask: optional boolean (True = attend) or additive float mask
             broadcastable to ``[B, 1 | Hq, T, N]``, as transformers passes it to SDPA.
-        scale: score scale, default ``1 / sqrt(D)``.
+        scale: score scale, default ``1 / sqrt(D)``. Scores ``scale q.k`` that overflow
+            float32 raise ``ValueError`` on CPU; on CUDA their rows come out NaN.
         causal: bottom-right aligned causal mask (query t sees key i iff i <= t + N - T).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``[B, Hq, T, D]`` in ``query``'s dtype; rows that see no key are 0. Differentiable
-        in ``query`` and ``delta_v``.
+        in ``query`` and ``delta_v``. NaN/Inf inputs are not checked (that would cost a
+        pass over the cache every step): they propagate to NaN rows, as in PyTorch.
     """
-    _check_args(query, key, value, delta_v, span, attention_mask, scale)
+    _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
     resolved = resolve_backend(backend, query.device)
     if query.dtype == torch.float64:
         if backend == "auto":
@@ -209,10 +241,9 @@ def value_delta_attention(
             raise TypeError(f"query of dtype float64 is supported only by backend='torch', not {backend!r}")
     b, hq, t, d = query.shape
     n = key.shape[2]
+    span_index = None if span is None else _span_index(span, n)  # checks span's values too
     if delta_v is None:
         span_index = torch.full((n,), -1, dtype=torch.int32, device=query.device)
-    else:
-        span_index = _span_index(span, n)
     attn_bias = mask_to_bias(attention_mask, accumulator_dtype(query.dtype))
     if attn_bias is not None:
         attn_bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + attn_bias.shape).expand(b, hq, t, n)

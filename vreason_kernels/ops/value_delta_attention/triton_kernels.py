@@ -77,8 +77,13 @@ def _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, str
 
 @triton.jit
 def _norms(v, u):
-    """``(||v||, n = max(||u||, eps))`` per row; sqrt is a plain instruction, not libdevice."""
-    return tl.sqrt(tl.sum(v * v, axis=1)), tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), _EPS)
+    """``(||v||, n = max(||u||, eps))`` per row; sqrt is a plain instruction, not libdevice.
+
+    The max is a ``where`` that keeps a NaN norm: ``tl.maximum`` returns eps for it, and
+    a NaN delta then gave its row a gain of ||v|| / eps, huge finite values beside the NaN.
+    """
+    norm_u = tl.sqrt(tl.sum(u * u, axis=1))
+    return tl.sqrt(tl.sum(v * v, axis=1)), tl.where(norm_u < _EPS, _EPS, norm_u)
 
 
 @triton.jit
@@ -227,8 +232,9 @@ def _bf16_nearest(x):
 
 @triton.jit
 def _finish(out_ptr, lse_ptr, offs, lse_offs, mask, row_ok, acc, m, l):
-    """out = acc / l and lse = m + log l; a row that saw no key (l = 0) gets 0 and -inf."""
-    seen = l > 0
+    """out = acc / l and lse = m + log l; a row that saw no key (l = 0) gets 0 and -inf,
+    one with a NaN l (NaN input, or scores past float32) NaN in both."""
+    seen = l != 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out = _bf16_nearest(out)
