@@ -165,3 +165,14 @@ def test_non_finite_input_is_never_hidden(backend, where, bad):
         for actual in got[:2]:
             assert actual[0, 0, 1].isnan().all(), "the NaN query's row must be NaN"
             assert actual.isnan().sum() == D, "only the NaN query's row may be NaN"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", ["delta_v", "both"])
+def test_rows_whose_squares_overflow_float32(backend, dtype, which):
+    """Finite rows past ~1.8e19 (a delta of 1e25, or value and delta): their plain fp32 sum
+    of squares is inf, which once gave ||u|| = inf and so v' = 0 for every such row."""
+    query, key, value, delta, span = _inputs()
+    value = value * (1e25 if which == "both" else 1.0)
+    check_against_reference(backend, query.to(dtype), key.to(dtype), value.to(dtype), (delta * 1e25).to(dtype), span)

@@ -146,23 +146,38 @@ void accumulate_tile(float* __restrict out, int64_t rows, const float* __restric
   for (int64_t r = 0; r < rows; ++r) accumulate_rows(out + r * dim, c + r * cs_r, cs_j, x, ldx, nx, dim);
 }
 
+// ||x|| of one row. Where the plain fp32 sum of squares overflows although the entries
+// are finite (rows past ~1.8e19), it is summed again in double: inf there made
+// v' = u ||v|| / inf = 0. Other rows keep the plain value, bit for bit. A row holding
+// an inf gets NaN, as the torch and Triton backends' rescaling (inf / inf) gives it.
+VREASON_SIMD_CLONES float row_norm(const float* __restrict x, int64_t dim) {
+  Lanes xx = {};
+  for_lanes(dim, [&](int64_t d, int64_t n) {
+    const Lanes v = load_lanes(x + d, n);
+    xx += v * v;
+  });
+  const float plain = std::sqrt(sum_lanes(xx));
+  if (!std::isinf(plain)) return plain;
+  double wide = 0.0;
+  for (int64_t d = 0; d < dim; ++d) wide += static_cast<double>(x[d]) * x[d];
+  return std::isinf(wide) ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(std::sqrt(wide));
+}
+
 // In place, v -> v' = u gain with u = v + dv, gain = ||v|| / max(||u||, eps); also
-// proj = 1 / ||v||^2 where the projection of the backward applies (||u|| >= eps and
+// inv_norm = 1 / ||v|| where the projection of the backward applies (||u|| >= eps and
 // v != 0), else 0.
 VREASON_SIMD_CLONES void modulate_row(float* __restrict v, const float* __restrict dv, int64_t dim, float* gain,
-                                     float* proj) {
-  Lanes vv = {}, uu = {};
+                                     float* inv_norm) {
+  const float vnorm = row_norm(v, dim);  // before v is overwritten by u
   for_lanes(dim, [&](int64_t d, int64_t n) {
-    const Lanes x = load_lanes(v + d, n), u = x + load_lanes(dv + d, n);
-    vv += x * x;
-    uu += u * u;
+    const Lanes u = load_lanes(v + d, n) + load_lanes(dv + d, n);
     std::memcpy(v + d, &u, n * sizeof(float));
   });
-  const float vnorm2 = sum_lanes(vv), unorm = std::sqrt(sum_lanes(uu));
-  const float g = std::sqrt(vnorm2) / std::max(unorm, kEps);
+  const float unorm = row_norm(v, dim);
+  const float g = vnorm / std::max(unorm, kEps);
   for (int64_t d = 0; d < dim; ++d) v[d] *= g;
   *gain = g;
-  *proj = (unorm >= kEps && vnorm2 > 0.f) ? 1.f / vnorm2 : 0.f;
+  *inv_norm = (unorm >= kEps && vnorm > 0.f) ? 1.f / vnorm : 0.f;
 }
 
 typedef int32_t IntLanes __attribute__((vector_size(64)));
@@ -212,10 +227,10 @@ struct Layout {
 
 // Per-thread scratch of one task.
 struct Scratch {
-  std::vector<float> s, dp, kbuf, vbuf, dbuf, gain, proj, g, total;
+  std::vector<float> s, dp, kbuf, vbuf, dbuf, gain, inv_norm, g, total;
   Scratch(int64_t rows, int64_t dim)
       : s(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * dim), vbuf(kBlock * dim), dbuf(dim), gain(kBlock),
-        proj(kBlock), g(dim), total(rows) {}
+        inv_norm(kBlock), g(dim), total(rows) {}
 };
 
 // Upcasts nb rows (row stride ld) into buf (row stride dim).
@@ -246,7 +261,7 @@ const float* tile_as_float(const scalar_t* src, int64_t ld, int64_t nb, int64_t 
 
 // V' for keys [n0, n0 + nb) of (b, kv-head h) as an fp32 tile (row stride *ld_out):
 // V itself, like tile_as_float, when no key of the tile is in the span, else built in
-// w.vbuf, with w.gain / w.proj of its span keys (see modulate_row).
+// w.vbuf, with w.gain / w.inv_norm of its span keys (see modulate_row).
 template <typename scalar_t>
 const float* modulated_tile(const Layout& L, const scalar_t* value, const scalar_t* delta,
                             const int32_t* span_index, int64_t b, int64_t h, int64_t n0, int64_t nb, Scratch& w,
@@ -264,7 +279,7 @@ const float* modulated_tile(const Layout& L, const scalar_t* value, const scalar
     int64_t unused_ld;
     const float* dv = tile_as_float(delta + b * L.d_s[0] + h * L.d_s[1] + row * L.d_s[2], D, 1, D, w.dbuf.data(),
                                     &unused_ld);
-    modulate_row(w.vbuf.data() + j * D, dv, D, &w.gain[j], &w.proj[j]);
+    modulate_row(w.vbuf.data() + j * D, dv, D, &w.gain[j], &w.inv_norm[j]);
   }
   return w.vbuf.data();
 }
@@ -419,7 +434,8 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
       const float* vj = v + j * ldv;
       float gdotv;
       dot_tile(gv, 1, vj, D, 1, D, &gdotv, 1);
-      const float coef = gdotv * w.proj[j], gain = w.gain[j];
+      // (g . v') v' / ||v||^2 as ((g . v') / ||v||) (v' / ||v||): ||v||^2 overflows first.
+      const float coef = gdotv * w.inv_norm[j] * w.inv_norm[j], gain = w.gain[j];
       float* out = grad_delta + (((b * L.Hkv + g) * L.S) + row) * D;
       for (int64_t d = 0; d < D; ++d) out[d] = gain * (gv[d] - coef * vj[d]);
     }

@@ -28,13 +28,20 @@ import torch
 EPS = 1e-6
 
 
+def row_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x|| over the last dim (keepdim). Where the plain sum of squares overflows although
+    the entries are finite (fp32/bf16 rows past ~1.8e19), the row is first divided by its
+    largest |x_d|: vector_norm alone gives inf there, and v' = u ||v|| / inf = 0."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    big = x.abs().amax(-1, keepdim=True)
+    scaled = big * torch.linalg.vector_norm(x / torch.where(big > 0, big, torch.ones_like(big)), dim=-1, keepdim=True)
+    return torch.where(torch.isinf(norm), scaled, norm)
+
+
 def modulate_rows(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """v' = (v + delta) ||v|| / max(||v + delta||, eps) row-wise over the last dim."""
     u = value + delta
-    scale = torch.linalg.vector_norm(value, dim=-1, keepdim=True) / torch.linalg.vector_norm(
-        u, dim=-1, keepdim=True
-    ).clamp_min(EPS)
-    return u * scale
+    return u * (row_norm(value) / row_norm(u).clamp_min(EPS))
 
 
 def mask_to_bias(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -171,9 +178,9 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     v = _acc(value)
     in_span, delta = _span_rows(v, delta_v, span_index)
     u = v + delta
-    n = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(EPS)
+    n = row_norm(u).clamp_min(EPS)
     u_hat = u / n
-    grad_pos = torch.linalg.vector_norm(v, dim=-1, keepdim=True) / n
+    grad_pos = row_norm(v) / n
     grad_pos = grad_pos * (grad_v - (grad_v * u_hat).sum(-1, keepdim=True) * u_hat)
     # Row j of delta_v sits at the position whose span_index is j.
     positions = in_span.squeeze(-1).nonzero().squeeze(-1)

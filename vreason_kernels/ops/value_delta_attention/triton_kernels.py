@@ -51,6 +51,7 @@ from vreason_kernels.ops.value_delta_attention.naive import EPS
 
 # Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
 _NEG_INF = tl.constexpr(float("-inf"))
+_INF = tl.constexpr(float("inf"))
 _EPS = tl.constexpr(EPS)
 
 
@@ -82,8 +83,19 @@ def _norms(v, u):
     The max is a ``where`` that keeps a NaN norm: ``tl.maximum`` returns eps for it, and
     a NaN delta then gave its row a gain of ||v|| / eps, huge finite values beside the NaN.
     """
-    norm_u = tl.sqrt(tl.sum(u * u, axis=1))
-    return tl.sqrt(tl.sum(v * v, axis=1)), tl.where(norm_u < _EPS, _EPS, norm_u)
+    norm_u = _row_norm(u)
+    return _row_norm(v), tl.where(norm_u < _EPS, _EPS, norm_u)
+
+
+@triton.jit
+def _row_norm(x):
+    """``||x||`` per row. Where the plain sum of squares overflows although the entries are
+    finite (rows past ~1.8e19), the row is divided by its largest ``|x_d|`` first: inf
+    there made v' = u ||v|| / inf = 0. Other rows keep the plain value, bit for bit."""
+    plain = tl.sqrt(tl.sum(x * x, axis=1))
+    big = tl.max(tl.abs(x), axis=1)
+    y = x * (1.0 / tl.where(big > 0, big, 1.0))[:, None]
+    return tl.where(plain == _INF, big * tl.sqrt(tl.sum(y * y, axis=1)), plain)
 
 
 @triton.jit
