@@ -146,21 +146,17 @@ void accumulate_tile(float* __restrict out, int64_t rows, const float* __restric
   for (int64_t r = 0; r < rows; ++r) accumulate_rows(out + r * dim, c + r * cs_r, cs_j, x, ldx, nx, dim);
 }
 
-// ||x|| of one row. Where the plain fp32 sum of squares overflows although the entries
-// are finite (rows past ~1.8e19), it is summed again in double: inf there made
-// v' = u ||v|| / inf = 0. Other rows keep the plain value, bit for bit. A row holding
-// an inf gets NaN, as the torch and Triton backends' rescaling (inf / inf) gives it.
-VREASON_SIMD_CLONES float row_norm(const float* __restrict x, int64_t dim) {
-  Lanes xx = {};
-  for_lanes(dim, [&](int64_t d, int64_t n) {
-    const Lanes v = load_lanes(x + d, n);
-    xx += v * v;
-  });
-  const float plain = std::sqrt(sum_lanes(xx));
-  if (!std::isinf(plain)) return plain;
-  double wide = 0.0;
-  for (int64_t d = 0; d < dim; ++d) wide += static_cast<double>(x[d]) * x[d];
-  return std::isinf(wide) ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(std::sqrt(wide));
+// ||x + dx|| (dx may be null) summed in double, for a row whose fp32 sum of squares
+// overflowed although its entries are finite (rows past ~1.8e19): inf there made
+// v' = u ||v|| / inf = 0. A row holding an inf gets NaN, as the torch and Triton
+// backends' rescaling (inf / inf) gives it.
+float wide_norm(const float* x, const float* dx, int64_t dim) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float u = dx == nullptr ? x[d] : x[d] + dx[d];  // the fp32 u of the common path
+    sum += static_cast<double>(u) * u;
+  }
+  return std::isinf(sum) ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(std::sqrt(sum));
 }
 
 // In place, v -> v' = u gain with u = v + dv, gain = ||v|| / max(||u||, eps); also
@@ -168,14 +164,20 @@ VREASON_SIMD_CLONES float row_norm(const float* __restrict x, int64_t dim) {
 // v != 0), else 0.
 VREASON_SIMD_CLONES void modulate_row(float* __restrict v, const float* __restrict dv, int64_t dim, float* gain,
                                      float* inv_norm) {
-  const float vnorm = row_norm(v, dim);  // before v is overwritten by u
+  Lanes vv = {}, uu = {};
   for_lanes(dim, [&](int64_t d, int64_t n) {
-    const Lanes u = load_lanes(v + d, n) + load_lanes(dv + d, n);
+    const Lanes x = load_lanes(v + d, n), u = x + load_lanes(dv + d, n);
+    vv += x * x;
+    uu += u * u;
+  });
+  float vnorm = std::sqrt(sum_lanes(vv)), unorm = std::sqrt(sum_lanes(uu));
+  if (std::isinf(vnorm)) vnorm = wide_norm(v, nullptr, dim);
+  if (std::isinf(unorm)) unorm = wide_norm(v, dv, dim);
+  const float g = vnorm / std::max(unorm, kEps);
+  for_lanes(dim, [&](int64_t d, int64_t n) {
+    const Lanes u = (load_lanes(v + d, n) + load_lanes(dv + d, n)) * g;
     std::memcpy(v + d, &u, n * sizeof(float));
   });
-  const float unorm = row_norm(v, dim);
-  const float g = vnorm / std::max(unorm, kEps);
-  for (int64_t d = 0; d < dim; ++d) v[d] *= g;
   *gain = g;
   *inv_norm = (unorm >= kEps && vnorm > 0.f) ? 1.f / vnorm : 0.f;
 }
