@@ -126,11 +126,23 @@ def _modulated_values(value, delta_v, span_index) -> torch.Tensor:
 
 
 def _probs(query, key, attn_bias, scale: float, causal: bool, lse: Optional[torch.Tensor] = None):
-    """(P [B, Hkv, G, T, N], lse [B, Hkv, G, T]); rows that see no key have P = 0, lse = -inf."""
+    """(P [B, Hkv, G, T, N], lse [B, Hkv, G, T]); rows that see no key have P = 0, lse = -inf.
+
+    Without ``lse`` (the forward) P is ``e^{s - max} / sum``, normalised by its own sum:
+    ``e^{s - lse}`` would carry lse's rounding, an ulp of |s| (2.4e-4 at |s| = 4000), into
+    every P, and the output would sit far from plain softmax's. The backward recomputes P
+    from the saved lse, as the fused kernels do.
+    """
     s = _scores(_acc(query), _acc(key), attn_bias, scale, causal)
+    # Only max / lse = -inf means "sees no key"; NaN (NaN input) must give NaN, not 0.
     if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-    # Only lse = -inf means "sees no key"; a NaN lse (NaN input) must give NaN, not 0.
+        m = s.amax(-1, keepdim=True)
+        seen = m != float("-inf")
+        e = torch.exp(s - torch.where(seen, m, 0.0))  # 0 at every key of an unseen row
+        total = e.sum(-1, keepdim=True)
+        p = e / torch.where(seen, total, 1.0)
+        lse = torch.where(seen, m + torch.log(total), float("-inf")).squeeze(-1)
+        return p, lse
     seen = (lse != float("-inf")).unsqueeze(-1)
     p = torch.where(seen, torch.exp(s - torch.where(seen, lse.unsqueeze(-1), 0.0)), 0.0)
     return p, lse
