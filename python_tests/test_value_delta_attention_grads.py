@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.utils import assert_close_to_reference, rounding_floor
+from python_tests.utils import assert_close_to_reference, max_abs_err, rounding_floor
 from vreason_kernels.ops.value_delta_attention import naive
 
 BACKENDS = ["torch", "cpp", "triton"]
@@ -106,9 +106,30 @@ def test_half_grads_any_layout(backend, dtype, form):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_grads_with_a_large_common_value(backend, shape):
     """Values 30 + N(0, 1): the row term D = rowsum(dO * O) is then ~30x the spread of
-    dP that dQ depends on, which a dQ summed as two large sums would lose."""
-    query, key, value, delta, span = inputs(*SHAPES[shape], torch.float32)
-    check_against_reference(backend, query, key * 3, value + 30, delta, span)
+    dP that dQ depends on, which a dQ summed as two large sums would lose.
+
+    Here every fp32 path's dq error is the rounding of that cancellation, and the max error
+    of one draw is a noisy statistic: over 150 draws the ratio to plain PyTorch's had a
+    median of 1.0 (C++) and 0.9 (the torch backend), but a 99th percentile of 3.5 and 2.5.
+    So the 2x rule is applied to the errors summed over 6 fresh draws, which a
+    systematic loss (the two-large-sums dQ: ~30x) still fails and rounding luck does not.
+    """
+    errors, baselines, floors = [], [], []
+    for _ in range(6):
+        query, key, value, delta, span = inputs(*SHAPES[shape], torch.float32)
+        key, value = key * 3, value + 30
+        grad = torch.randn(query.shape)
+        ref = run(naive.value_delta_attention, *(x.double() for x in (query, key, value, delta)), span, "random",
+                  grad.double(), (True, True))  # fmt: skip
+        base = run(naive.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True))
+        got = run(vk.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True),
+                  backend=backend)  # fmt: skip
+        errors.append(torch.tensor([max_abs_err(x, r) for x, r in zip(got, ref)]))
+        baselines.append(torch.tensor([max_abs_err(x, r) for x, r in zip(base, ref)]))
+        floors.append(torch.tensor([rounding_floor(r, torch.float32) for r in ref]))
+    error, baseline, floor = (torch.stack(x).sum(0) for x in (errors, baselines, floors))
+    for name, e, b, f in zip(("output", "grad query", "grad delta_v"), error, baseline, floor):
+        assert e <= 2 * b + f, f"{name}: summed max error {e:.3e} > 2 x baseline {b:.3e} + {f:.1e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
