@@ -86,7 +86,8 @@ def test_only_and_skip_select_steps(capsys):
 
 
 def _step(name, code):
-    return campaign.Step(name, f"exit {code}", ([sys.executable, "-c", f"print('{name} ran'); raise SystemExit({code})"],), 30)
+    script = f"print('{name} ran'); raise SystemExit({code})"
+    return campaign.Step(name, f"exit {code}", ([sys.executable, "-c", script],), 30)
 
 
 def test_stops_at_the_first_failure_and_keeps_earlier_results(tmp_path):

@@ -25,11 +25,14 @@ import os
 import triton
 import triton.language as tl
 
+from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.linear_entropy.triton_kernels import _NEG_INF, _rescale
 
 # Elements of one W tile: 16K values (32 KB of bf16) keeps a few loads in flight per SM
-# without the tile crowding out h/A/B from the registers.
+# without the tile crowding out h/A/B from the registers. Under the interpreter, small
+# tiles make test shapes (V ~ 300) span several tiles and splits.
 _TILE_ELEMENTS = 16384
+_INTERPRETER_TILE_ELEMENTS = 512
 # Double-buffered W tiles: 64 KB of shared memory for bf16, 128 KB for fp32.
 NUM_STAGES = 2
 
@@ -100,7 +103,8 @@ def decode_blocks(dim: int) -> dict:
     """The whole row in one tile (BLOCK_D >= D), BLOCK_V rows of W per load; from
     D = 8192 one row per load (two spilled registers even at 16 warps)."""
     block_d = triton.next_power_of_2(dim)
-    return dict(BLOCK_V=1 if block_d >= 8192 else _TILE_ELEMENTS // block_d, BLOCK_D=block_d)
+    elements = _INTERPRETER_TILE_ELEMENTS if triton_interpreted() else _TILE_ELEMENTS
+    return dict(BLOCK_V=1 if block_d >= 8192 else max(1, elements // block_d), BLOCK_D=block_d)
 
 
 def decode_num_warps(BLOCK_D, **_) -> int:
