@@ -14,7 +14,7 @@ LMMS_EVAL := "lmms-eval>=0.7.3,<0.8"
 LMMS_EVAL_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_linear_entropy.py
+
+# The GPU campaign's peer wheels (benchmarks/GPU_CAMPAIGN.md) into the git-ignored .whl/,
+# for the device tool's carry: pure-Python, about 0.9 MB together.
+GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info vreason_kernels/_C*.so

@@ -13,9 +13,10 @@ inputs are built in their final dtype, in slices, so building them leaves no hig
 included, which tracemalloc would not see.
 
 GPU (when CUDA is available): the Triton backend against the same reference and, when
-importable, Liger-Kernel's fused linear cross-entropy and ml-cross-entropy
-(``cut_cross_entropy.linear_cross_entropy``): same cost class (one lm-head GEMM forward,
-one backward, no logits kept), different loss. Timed with ``triton.testing.do_bench``;
+importable, Liger-Kernel's fused linear cross-entropy (the loss, and from 0.8.2 the
+scaled variant with an entropy output, whose entropy is what is differentiated) and
+ml-cross-entropy (``cut_cross_entropy.linear_cross_entropy``, the loss from its LSE): same
+cost class (one lm-head GEMM forward, one backward, no logits kept). Timed with ``triton.testing.do_bench``;
 time is also given as a multiple of the floor of one read of W at ``--bandwidth``
 (DESIGN §6: about 3.0 TB/s on an H100). Peak memory is ``torch.cuda.max_memory_allocated``
 above what was allocated before the call.
@@ -85,6 +86,14 @@ def step_fn(backend, hidden, weight):
         def run():
             hidden.grad = None
             loss_fn(weight, hidden, target).backward()
+    elif backend == "liger_entropy":
+        apply, _ = liger_entropy_apply(hidden.device)
+        target = torch.randint(0, weight.shape[0], (hidden.shape[0],), device=hidden.device)
+
+        def run():
+            hidden.grad = None
+            _, entropy = apply(hidden, weight, target)
+            entropy.sum().backward()
     elif backend == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -96,6 +105,28 @@ def step_fn(backend, hidden, weight):
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return run
+
+
+def liger_entropy_apply(device):
+    """Liger's fused linear cross-entropy with an entropy output (liger-kernel >= 0.8.2) as
+    ``f(hidden, weight, target) -> (nll, entropy)``, and which implementation runs.
+
+    Its dispatcher picks a CuTe DSL kernel on sm_90, which imports nvidia-cutlass-dsl (not on
+    the GPU image, and over the device tool's carry limit); where that import fails, Liger's
+    portable path (512-token chunks of PyTorch) is called explicitly and named as such.
+    """
+    from liger_kernel.ops import fused_linear_scaled_cross_entropy as scaled
+
+    try:
+        scaled._resolve_implementation(device)
+    except ImportError as exc:
+        def fallback(hidden, weight, target):
+            return scaled._FusedLinearPPOFallbackFunction.apply(hidden, weight, target, 1.0, -100, True)
+        return fallback, f"Liger's portable chunked-PyTorch path (its sm_90 CuTe DSL kernel: {exc})"
+
+    def native(hidden, weight, target):
+        return scaled.LigerFusedLinearScaledCrossEntropyFunction.apply(hidden, weight, target, return_entropy=True)
+    return native, "LigerFusedLinearScaledCrossEntropyFunction (device dispatch)"
 
 
 # ------------------------------------------------------------------------ CPU
@@ -196,6 +227,14 @@ def bench_gpu(cases, dtype_name, bandwidth):
             notes.append(f"{name} skipped: {module} is not importable")
         else:
             peers.append(name)
+    if "liger" in peers:
+        try:
+            notes.append(f"liger_entropy: {liger_entropy_apply(torch.device('cuda'))[1]}; entropy.sum() backward")
+            peers.append("liger_entropy")
+        except ImportError as exc:  # liger-kernel older than 0.8.2
+            notes.append(f"liger_entropy skipped: {exc}")
+    notes.append("liger: LigerFusedLinearCrossEntropyLoss (loss only); cce: cut_cross_entropy.linear_cross_entropy "
+                 "(loss from its LSE); both backward in hidden")
     rows = []
     for shape, tokens in cases:
         dim, vocab = SHAPES[shape]
@@ -217,6 +256,10 @@ def bench_gpu(cases, dtype_name, bandwidth):
             except torch.cuda.OutOfMemoryError:
                 row["note"] = (row.get("note", "") + f" {backend}: out of memory").strip()
                 torch.cuda.empty_cache()
+            except Exception as exc:  # a peer's failure is reported; ours stops the run
+                if backend in ("triton", "torch"):
+                    raise
+                row["note"] = (row.get("note", "") + f" {backend}: {type(exc).__name__}: {exc}"[:200]).strip()
         if "triton_ms" in row and "torch_ms" in row:
             row["speedup"] = row["torch_ms"] / row["triton_ms"]
         rows.append(row)

@@ -111,3 +111,25 @@ def test_a_step_past_its_limit_fails(tmp_path):
     slow = campaign.Step("slow", "sleeps", ([sys.executable, "-c", "import time; time.sleep(5)"],), 1)
     assert campaign.run([slow], tmp_path, keep_going=False) == 1
     assert "timed out after 1 s" in (tmp_path / "summary.md").read_text()
+
+
+def test_linear_entropy_benchmark_has_every_peer():
+    """The GPU benchmark's peers (issue 9: Liger with its entropy output, CCE, the unfused
+    reference) each have a step; here, without their packages, a peer fails on its import,
+    never as an unknown backend."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_linear_entropy as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    hidden, weight = torch.zeros(1, 8, requires_grad=True), torch.zeros(16, 8)
+    assert callable(bench.step_fn("torch", hidden, weight))
+    for peer in ("liger", "liger_entropy", "cce"):
+        try:
+            bench.step_fn(peer, hidden, weight)
+        except ImportError:
+            pass  # the peer package is not installed here
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.step_fn("nope", hidden, weight)
