@@ -13,6 +13,7 @@ Exit status 1 if any compile fails a check (``triton_aot.check``).
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
@@ -235,7 +236,10 @@ def write_report(rows, path=RESULTS) -> None:
     text = [
         "# Triton kernels compiled for Hopper and Ampere, without a GPU",
         "",
-        f"Regenerate with `python benchmarks/triton_resources.py` ({versions}; compiled with",
+        f"Generated {datetime.date.today().isoformat()} with {versions}. Compiled ahead of time on CPU,",
+        "not run on a GPU: every number below is from the compiler or from a model, none is measured.",
+        "",
+        "Regenerate with `python benchmarks/triton_resources.py` (compiled with",
         "`triton.compile(ASTSource(...), target=GPUTarget('cuda', cc, 32))`, resources read with the",
         "wheel's `cuobjdump --dump-resource-usage`). Launch configurations come from the launchers'",
         "own functions; `python_tests/test_triton_compile.py` asserts the same checks in CI.",
