@@ -48,7 +48,7 @@ def _launchable_kernels() -> dict:
     """{module: kernel names}: every top-level ``@triton.jit`` function named ``*_kernel`` in the package."""
     found = {}
     for path in sorted((ROOT / "vreason_kernels").rglob("*.py")):
-        names = re.findall(r"^@triton\.jit\s*\ndef (\w+_kernel)\(", path.read_text(), flags=re.M)
+        names = re.findall(r"^@triton\.jit\b[^\n]*\n(?:@[^\n]*\n)*def (\w+_kernel)\(", path.read_text(), flags=re.M)
         if names:
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             found[module] = set(names)
