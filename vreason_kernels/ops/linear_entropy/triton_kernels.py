@@ -265,9 +265,13 @@ def _weight_grad_kernel(
 
     The program owns its tile outright (no atomics). G is zero wherever p = 0 (masked
     vocabulary, padding rows), set by ``where`` so that 0 * inf never appears.
+
+    Every D tile of one vocabulary tile recomputes the same logits from the same W rows, so
+    the D tiles are grid axis 0 (launched next to each other): their W re-reads hit L2
+    instead of HBM.
     """
-    pid_v = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(0)
+    pid_v = tl.program_id(1)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
@@ -466,7 +470,7 @@ def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entr
     grad_weight = new_output((vocab, dim), **f32)
     grad_bias = new_output((vocab,) if need_bias else (0,), **f32)
     blocks = _weight_grad_blocks()
-    grid = (triton.cdiv(vocab, blocks["BLOCK_V"]), triton.cdiv(dim, blocks["BLOCK_D"]))
+    grid = (triton.cdiv(dim, blocks["BLOCK_D"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
     _weight_grad[grid](
         hidden, weight, hidden if bias is None else bias, row_max, log_sum, entropy, grad_entropy,
         grad_weight, grad_bias if need_bias else grad_weight,
