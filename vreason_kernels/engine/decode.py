@@ -35,7 +35,9 @@ class ModelParts:
     Tensor parallelism (transformers' ``tp_plan``): the head's weight is a DTensor sharded
     over the vocabulary; ``head_weight``/``head_bias`` are then this rank's rows and
     ``tp_group`` the group they are sharded over (None for a whole head). The controlled
-    layer's kv heads, hence ``ΔV``, are sharded over the same group.
+    layer's kv heads, hence ``ΔV``, are sharded over ``kv_group(layer)``: the same group when
+    both are sharded, but a plan may shard the layers and replicate the head (transformers
+    5.17's Qwen2.5-VL plan has no ``lm_head`` entry).
     """
 
     base: torch.nn.Module
@@ -45,6 +47,18 @@ class ModelParts:
     head_bias: Optional[torch.Tensor]
     vocab_size: int
     tp_group: Optional[object] = None
+
+    def kv_group(self, layer: int):
+        """The group decoder layer ``layer`` is sharded over (its parameters are DTensors
+        with a ``Shard`` placement: its kv heads, hence ``ΔV``, are split), or None."""
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch without distributed
+            return None
+        for param in self.layers[layer].parameters():
+            if isinstance(param, DTensor) and any(placement.is_shard() for placement in param.placements):
+                return param.device_mesh.get_group()
+        return None
 
     def entropy(self, hidden: torch.Tensor, *, return_logits: bool = False, backend: str = "auto"):
         """``H`` of the head's next-token distribution over the whole vocabulary (and the

@@ -130,7 +130,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
             context.span = spans.positions
         values = cache.layers[layer].values
         shape = (values.shape[0], values.shape[1], spans.size, values.shape[3])
-        delta = DeltaV(config, shape, values.device, spans.member, group=parts.tp_group)
+        delta = DeltaV(config, shape, values.device, spans.member, group=parts.kv_group(layer))
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
     switch = EntropySwitch(config.ema_beta, config.ema_init)
