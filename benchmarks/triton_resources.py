@@ -28,9 +28,9 @@ from triton_aot import (  # noqa: E402  (drops TRITON_INTERPRET before triton is
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "triton_resources.md"
 
 
-def attention_plan(b, hkv, g, t, n, d, sm_count):
+def attention_plan(b, hkv, g, t, n, d, sm_count, dtype):
     """The launchers' choices: (blocks, forward chunk and splits, backward chunk, fuse_dq)."""
-    blocks = vda._blocks(g * t, d)
+    blocks = vda._blocks(g * t, d, dtype)
     row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
     chunk = vda._chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], sm_count)
     fuse_dq = g * t <= blocks["BLOCK_M"]
@@ -83,7 +83,7 @@ def linear_entropy_traffic(target: str, dtype=torch.bfloat16):
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
         for rows in TOKENS:
-            blocks = le._forward_blocks(rows)
+            blocks = le._forward_blocks(rows, dtype)
             chunk, splits = le._split_plan(rows, V, blocks, sm_count)
             row_blocks = triton.cdiv(rows, blocks["BLOCK_R"])
             resident = min(row_blocks * splits, 2 * sm_count)
@@ -133,7 +133,7 @@ def attention_traffic(target: str, dtype=torch.bfloat16):
         if d != 128:
             continue
         s = n - SPAN_MARGIN
-        blocks, chunk, splits, bwd_chunk, fuse_dq = attention_plan(b, hkv, g, t, n, d, sm_count)
+        blocks, chunk, splits, bwd_chunk, fuse_dq = attention_plan(b, hkv, g, t, n, d, sm_count, dtype)
         kv = b * hkv * n * d * e
         delta = b * hkv * s * d * e
         rows_io = b * hkv * g * t * d * e

@@ -311,17 +311,21 @@ _INTERPRETER_BLOCKS = dict(BLOCK_R=16, BLOCK_V=32, BLOCK_D=32)
 _INTERPRETER_SPLITS = 4
 
 
-def _forward_blocks(rows: int) -> dict:
+def _forward_blocks(rows: int, dtype: torch.dtype) -> dict:
     """Tiles for the partials kernel (tl.dot needs every dim >= 16).
 
     Decode (few rows) is a GEMV: thin vocabulary tiles keep each program's W tile
     (BLOCK_V x D, 114 KB at D=3584) resident in L2 between its two uses. Many rows are a
     GEMM: wider tiles raise the flops per byte of A/B scratch traffic (6 BLOCK_V / 16).
+    fp32 inputs (PRECISION=ieee) take 32 x 64 tiles: at 64 x 128 ptxas spilled up to
+    6.7 KB per thread (benchmarks/results/triton_resources.md).
     """
     if triton_interpreted():
         return dict(_INTERPRETER_BLOCKS)
     if rows <= 16:
         return dict(BLOCK_R=16, BLOCK_V=16, BLOCK_D=256)
+    if dtype == torch.float32:
+        return dict(BLOCK_R=32, BLOCK_V=64, BLOCK_D=64)
     return dict(BLOCK_R=64, BLOCK_V=128, BLOCK_D=64)
 
 
@@ -333,8 +337,12 @@ def _merge_blocks() -> dict:
     return dict(BLOCK_R=16, BLOCK_D=32) if triton_interpreted() else dict(BLOCK_R=16, BLOCK_D=128)
 
 
-def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, **_) -> int:
-    return 8 if BLOCK_R * max(BLOCK_V, BLOCK_D) >= 64 * 128 else 4
+def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, PRECISION, **_) -> int:
+    """8 warps for large tiles; for fp32 (ieee) products already from a quarter of the
+    tile volume: with 4 warps, the 32 x 64 x 64 partials and 32 x 64 x 128 dW tiles
+    spilled up to 1.1 and 6.2 KB per thread."""
+    volume = BLOCK_R * BLOCK_V * BLOCK_D
+    return 8 if volume >= (32 * 64 * 64 if PRECISION == "ieee" else 64 * 128 * 64) else 4
 
 
 def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, sm_count) -> int:
@@ -413,7 +421,7 @@ def forward_partials(hidden, weight, bias, temperature: float, need_grad: bool, 
     from vreason_kernels.ops.linear_entropy import triton_decode  # imports this module
 
     decode = triton_decode.decode_kernel_applies(rows, dim)
-    blocks = triton_decode.decode_blocks(dim) if decode else _forward_blocks(rows)
+    blocks = triton_decode.decode_blocks(dim) if decode else _forward_blocks(rows, hidden.dtype)
     chunk, num_splits = _split_plan(rows, vocab, dict(blocks, BLOCK_R=1) if decode else blocks,
                                     sm_count_or_none(device), num_splits)
     stats = torch.empty((3, num_splits, rows), **f32)  # fully written by the partials kernel

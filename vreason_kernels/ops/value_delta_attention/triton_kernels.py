@@ -470,16 +470,25 @@ def _backward_dq_kernel(
 _MAX_FUSED_ROWS = 64
 
 
-def _blocks(rows: int, dim: int) -> dict:
+def _fp32_prefill(rows: int, dtype: torch.dtype) -> bool:
+    """fp32 inputs (PRECISION=ieee) on the row-tiled path: the tiles that need their own config."""
+    return dtype == torch.float32 and rows > _MAX_FUSED_ROWS and not triton_interpreted()
+
+
+def _blocks(rows: int, dim: int, dtype: torch.dtype) -> dict:
     """Tiles (tl.dot needs every dim >= 16). All packed rows of a group in one tile when
     they fit (decode), so each K/V tile is loaded once for the whole group.
 
     Key tiles are 32 wide on the GPU (16 for decode at D <= 64): K, V, V' and delta are
     upcast to fp32 at load, and 64-key tiles spilled registers on the decode path and
     overflowed A100 shared memory in prefill (benchmarks/results/triton_resources.md).
+    fp32 prefill takes 32 x 16 tiles: ieee products hold full fp32 operands, and at
+    64 x 32 ptxas spilled up to 8 KB per thread in _backward_dq_kernel.
     """
     interpreted = triton_interpreted()
     fused = rows <= _MAX_FUSED_ROWS
+    if _fp32_prefill(rows, dtype):
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(dim)))
     block_m = max(16, triton.next_power_of_2(rows)) if fused else (16 if interpreted else 64)
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = 16 if interpreted or (fused and block_d <= 64) else 32
@@ -488,6 +497,12 @@ def _blocks(rows: int, dim: int) -> dict:
 
 # 8 warps for every tile: with 4, ptxas spilled even the 16 x 64 fp32 decode tiles.
 _LAUNCH_OPTS = dict(num_warps=8, num_stages=2)
+
+
+def _launch_opts(rows: int, dtype: torch.dtype) -> dict:
+    """No software pipelining for fp32 prefill: its second stage of fp32 K/V buffers
+    spilled registers (up to 0.6 KB per thread) even at 32 x 16 tiles."""
+    return dict(_LAUNCH_OPTS, num_stages=1) if _fp32_prefill(rows, dtype) else _LAUNCH_OPTS
 
 
 def _chunk(programs: int, n: int, block_n: int, sm_count) -> int:
@@ -534,7 +549,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     delta_v = None if delta_v is None or s == 0 else delta_v.contiguous()
     out = new_output(query.shape, dtype=query.dtype, device=query.device)
     lse = new_output((b, hkv * g, t), dtype=torch.float32, device=query.device)
-    blocks = _blocks(g * t, d)
+    blocks = _blocks(g * t, d, query.dtype)
     row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
     if num_splits is None:
         chunk = _chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], sm_count_or_none(query.device))
@@ -545,7 +560,7 @@ def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, cau
     acc = torch.empty((splits, b * hkv * g * t * d) if splits > 1 else (0,), **f32)  # fully written
     ml = torch.empty((splits, b * hkv * g * t, 2) if splits > 1 else (0,), **f32)
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
-    opts = _LAUNCH_OPTS
+    opts = _launch_opts(g * t, query.dtype)
     _forward_kernel[(b * hkv, row_tiles, splits)](
         query, *args["pointers"], out, lse, acc, ml,
         hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
@@ -569,11 +584,11 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     grad_delta = new_output(delta_v.shape if delta_v is not None else (0,), **f32)
     has_delta = delta_v is not None and s > 0
     delta_v = delta_v.contiguous() if has_delta else None
-    blocks = _blocks(g * t, d)
+    blocks = _blocks(g * t, d, query.dtype)
     fuse_dq = g * t <= blocks["BLOCK_M"]
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
     common = dict(HAS_BIAS=attn_bias is not None, CAUSAL=causal, PRECISION=_precision(query.dtype),
-                  **blocks, **_LAUNCH_OPTS)
+                  **blocks, **_launch_opts(g * t, query.dtype))
     # Decode: few key chunks, each summing its dQ partial over many tiles; prefill: one
     # key tile per program, which then loops over thousands of rows.
     chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], sm_count_or_none(device)) if fuse_dq else blocks["BLOCK_N"]
