@@ -29,13 +29,15 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "triton_resource
 
 
 def attention_plan(b, hkv, g, t, n, d, sm_count, dtype):
-    """The launchers' choices: (blocks, forward chunk and splits, backward chunk, fuse_dq)."""
+    """The launchers' choices: (forward blocks, forward chunk and splits, backward blocks,
+    backward chunk, fuse_dq)."""
     blocks = vda._blocks(g * t, d, dtype)
     row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
     chunk = vda._chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], sm_count)
-    fuse_dq = g * t <= blocks["BLOCK_M"]
-    bwd_chunk = vda._chunk(b * hkv, n, blocks["BLOCK_N"], sm_count) if fuse_dq else blocks["BLOCK_N"]
-    return blocks, chunk, triton.cdiv(n, chunk), bwd_chunk, fuse_dq
+    bwd_blocks = vda._blocks(g * t, d, dtype, backward=True)
+    fuse_dq = g * t <= bwd_blocks["BLOCK_M"]
+    bwd_chunk = vda._chunk(b * hkv, n, bwd_blocks["BLOCK_N"], sm_count) if fuse_dq else bwd_blocks["BLOCK_N"]
+    return blocks, chunk, triton.cdiv(n, chunk), bwd_blocks, bwd_chunk, fuse_dq
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def attention_traffic(target: str, dtype=torch.bfloat16):
         if d != 128:
             continue
         s = n - SPAN_MARGIN
-        blocks, chunk, splits, bwd_chunk, fuse_dq = attention_plan(b, hkv, g, t, n, d, sm_count, dtype)
+        blocks, chunk, splits, bwd_blocks, bwd_chunk, fuse_dq = attention_plan(b, hkv, g, t, n, d, sm_count, dtype)
         kv = b * hkv * n * d * e
         delta = b * hkv * s * d * e
         rows_io = b * hkv * g * t * d * e
@@ -147,11 +149,12 @@ def attention_traffic(target: str, dtype=torch.bfloat16):
             l2, ws, note = hbm, 0, f"{splits} splits fwd, {triton.cdiv(n, bwd_chunk)} chunks bwd"
         else:  # prefill: row tiles re-read K/V (causal: half on average), meant to hit L2
             row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
-            rereads = row_tiles * (2 * kv + delta) / 2
+            bwd_row_tiles = triton.cdiv(g * t, bwd_blocks["BLOCK_M"])
+            rereads = (row_tiles + 2 * bwd_row_tiles) * (2 * kv + delta) / 2
             hbm = floor
-            l2 = floor + 3 * rereads  # forward, dV pass over row tiles, dQ pass
+            l2 = floor + rereads  # forward, dV pass over row tiles, dQ pass
             ws = b * hkv * (2 * n * d * e + s * d * e)
-            note = f"{row_tiles} row tiles per kv-head"
+            note = f"{row_tiles} row tiles per kv-head (backward {bwd_row_tiles})"
         # Causal forward 2 Hq T N D (QK^T and PV, halved by the mask), backward 2.5x that (FA2's count).
         flops = 3.5 * 2 * b * hkv * g * t * n * d if t > 1 else 0.0
         yield Traffic("value_delta_attention fwd+bwd", label, floor, hbm, l2, ws, note, flops)

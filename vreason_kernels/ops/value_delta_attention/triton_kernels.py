@@ -475,7 +475,7 @@ def _fp32_prefill(rows: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and rows > _MAX_FUSED_ROWS and not triton_interpreted()
 
 
-def _blocks(rows: int, dim: int, dtype: torch.dtype) -> dict:
+def _blocks(rows: int, dim: int, dtype: torch.dtype, backward: bool = False) -> dict:
     """Tiles (tl.dot needs every dim >= 16). All packed rows of a group in one tile when
     they fit (decode), so each K/V tile is loaded once for the whole group.
 
@@ -483,14 +483,19 @@ def _blocks(rows: int, dim: int, dtype: torch.dtype) -> dict:
     upcast to fp32 at load, and 64-key tiles spilled registers on the decode path and
     overflowed A100 shared memory in prefill (benchmarks/results/triton_resources.md).
     fp32 prefill takes 32 x 16 tiles: ieee products hold full fp32 operands, and at
-    64 x 32 ptxas spilled up to 8 KB per thread in _backward_dq_kernel.
+    64 x 32 ptxas spilled up to 8 KB per thread in _backward_dq_kernel. The bf16/fp16
+    prefill backward takes 32-row tiles: at 64, _backward_dq_kernel spilled 1.4 KB per
+    thread on sm_80 (200 B on sm_90); the forward at 64 rows does not spill.
     """
     interpreted = triton_interpreted()
     fused = rows <= _MAX_FUSED_ROWS
-    if _fp32_prefill(rows, dtype):
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(dim)))
-    block_m = max(16, triton.next_power_of_2(rows)) if fused else (16 if interpreted else 64)
     block_d = max(16, triton.next_power_of_2(dim))
+    if _fp32_prefill(rows, dtype):
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d)
+    if fused:
+        block_m = max(16, triton.next_power_of_2(rows))
+    else:
+        block_m = 16 if interpreted else (32 if backward else 64)
     block_n = 16 if interpreted or (fused and block_d <= 64) else 32
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
 
@@ -584,7 +589,7 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
     grad_delta = new_output(delta_v.shape if delta_v is not None else (0,), **f32)
     has_delta = delta_v is not None and s > 0
     delta_v = delta_v.contiguous() if has_delta else None
-    blocks = _blocks(g * t, d, query.dtype)
+    blocks = _blocks(g * t, d, query.dtype, backward=True)
     fuse_dq = g * t <= blocks["BLOCK_M"]
     args = _common_args(key, value, delta_v, span_index, attn_bias, query)
     common = dict(HAS_BIAS=attn_bias is not None, CAUSAL=causal, PRECISION=_precision(query.dtype),
