@@ -317,16 +317,15 @@ def _forward_blocks(rows: int, dtype: torch.dtype) -> dict:
     Decode (few rows) is a GEMV: thin vocabulary tiles keep each program's W tile
     (BLOCK_V x D, 114 KB at D=3584) resident in L2 between its two uses. Many rows are a
     GEMM: wider tiles raise the flops per byte of A/B scratch traffic (6 BLOCK_V / 16).
-    fp32 inputs (PRECISION=ieee) take 32 x 64 tiles: at 64 x 128 ptxas spilled up to
-    6.7 KB per thread (benchmarks/results/triton_resources.md).
+    Rows come 32 to a tile: at 64 x 128, ptxas spilled up to 1.9 KB per thread (bf16,
+    sm_80) and 6.7 KB (fp32); fp32 inputs (PRECISION=ieee) also take 64-wide vocabulary
+    tiles (benchmarks/results/triton_resources.md).
     """
     if triton_interpreted():
         return dict(_INTERPRETER_BLOCKS)
     if rows <= 16:
         return dict(BLOCK_R=16, BLOCK_V=16, BLOCK_D=256)
-    if dtype == torch.float32:
-        return dict(BLOCK_R=32, BLOCK_V=64, BLOCK_D=64)
-    return dict(BLOCK_R=64, BLOCK_V=128, BLOCK_D=64)
+    return dict(BLOCK_R=32, BLOCK_V=64 if dtype == torch.float32 else 128, BLOCK_D=64)
 
 
 def _weight_grad_blocks() -> dict:
@@ -338,11 +337,11 @@ def _merge_blocks() -> dict:
 
 
 def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, PRECISION, **_) -> int:
-    """8 warps for large tiles; for fp32 (ieee) products already from a quarter of the
-    tile volume: with 4 warps, the 32 x 64 x 64 partials and 32 x 64 x 128 dW tiles
-    spilled up to 1.1 and 6.2 KB per thread."""
+    """8 warps from 32 x 128 x 64 tiles (fp32 ieee products: from 32 x 64 x 64); with 4,
+    ptxas spilled the bf16 dW tile (16 B per thread) and the fp32 partials and dW tiles
+    (1.1 and 6.2 KB per thread)."""
     volume = BLOCK_R * BLOCK_V * BLOCK_D
-    return 8 if volume >= (32 * 64 * 64 if PRECISION == "ieee" else 64 * 128 * 64) else 4
+    return 8 if volume >= (32 * 64 * 64 if PRECISION == "ieee" else 32 * 128 * 64) else 4
 
 
 def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, sm_count) -> int:
