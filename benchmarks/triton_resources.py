@@ -216,8 +216,7 @@ def _spill_summary(rows) -> list:
             precision = next((p for p in ("ieee", "tf32") if f"PRECISION={p}" in r["config"]), "-")
             spills.setdefault((r["target"], r["kernel"], precision), []).append(r)
     lines = ["Spills off the decode path (compiles with a non-zero STACK or LOCAL; none is on the decode",
-             "path, which the test enforces). The fp32 (ieee) tiles were retuned so that what is left of",
-             "them is at most a few hundred bytes; the bf16/fp16 (tf32) tiles are not retuned yet:", ""]
+             "path, which the test enforces), by precision (ieee: fp32 inputs; tf32: bf16/fp16):", ""]
     for (target, kernel, precision), found in sorted(spills.items()):
         worst = max(found, key=lambda r: r["STACK"] + r["LOCAL"])
         lines.append(f"- {target} `{kernel}` ({precision}): {len(found)} compiles, worst STACK {worst['STACK']} B at "
