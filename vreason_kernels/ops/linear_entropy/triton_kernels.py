@@ -336,14 +336,6 @@ def _merge_blocks() -> dict:
     return dict(BLOCK_R=16, BLOCK_D=32) if triton_interpreted() else dict(BLOCK_R=16, BLOCK_D=128)
 
 
-def _num_warps(BLOCK_R, BLOCK_V, BLOCK_D, PRECISION, **_) -> int:
-    """8 warps from 32 x 128 x 64 tiles (fp32 ieee products: from 32 x 64 x 64); with 4,
-    ptxas spilled the bf16 dW tile (16 B per thread) and the fp32 partials and dW tiles
-    (1.1 and 6.2 KB per thread)."""
-    volume = BLOCK_R * BLOCK_V * BLOCK_D
-    return 8 if volume >= (32 * 64 * 64 if PRECISION == "ieee" else 32 * 128 * 64) else 4
-
-
 def _num_splits(rows: int, vocab: int, block_r: int, block_v: int, sm_count) -> int:
     """Vocabulary splits: enough programs to fill the GPU twice over, at least one tile each.
 
@@ -365,26 +357,22 @@ def _split_plan(rows: int, vocab: int, blocks: dict, sm_count, num_splits=None) 
     return chunk, triton.cdiv(vocab, chunk)
 
 
-def _keep_shape_warps(configs, named_args, **kwargs):
-    """Autotune prune: keep the configs whose num_warps the tile shape asks for (see module doc)."""
-    want = _num_warps(**kwargs)
-    return [c for c in configs if c.num_warps == want]
-
-
 def _autotune_configs() -> list:
-    """Every config the autotuner may try (before ``_keep_shape_warps``); one under the interpreter."""
+    """Every config the autotuner may try; one under the interpreter.
+
+    8 warps for every tile: with 4, ptxas spilled registers at each of them (fp32 partials
+    and dW tiles 1.1 and 6.2 KB per thread, the 16 x 16 x 256 tile of 16 rows up to 208 B,
+    bf16 dW 16 B; benchmarks/results/triton_resources.md).
+    """
     if triton_interpreted():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     # 4 stages overflowed A100 shared memory at fp32 (benchmarks/results/triton_resources.md).
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)]
 
 
 def _tuned(*, key):
     """Autotune over pipelining depth on CUDA; exactly one config under the interpreter."""
-    if triton_interpreted():
-        return triton.autotune(configs=_autotune_configs(), key=[])
-    return triton.autotune(configs=_autotune_configs(), key=key,
-                           prune_configs_by={"early_config_prune": _keep_shape_warps})
+    return triton.autotune(configs=_autotune_configs(), key=[] if triton_interpreted() else key)
 
 
 _forward_partials = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_GRAD", "STORE_LOGITS"])(
