@@ -102,9 +102,11 @@ def _entropy_checks(rank, world, out_dir, group, grad_kinds):
 
 
 def _token_checks(rank, world, group):
+    from vreason_kernels.distributed.collectives import VocabRows
     from vreason_kernels.engine.sampling import select_next_token
 
     lo, hi = _shard_bounds(rank, world)
+    vocab = VocabRows(hi - lo, "cpu", group)  # one per layout, as the engine keeps it
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(4, VOCAB, generator=g) * 3
     top = logits[1].max() + 1
@@ -120,11 +122,11 @@ def _token_checks(rank, world, group):
             kw = dict(sampling)
             want = select_next_token(logits, **kw, generator=torch.Generator().manual_seed(seed))
             got = select_next_token(logits[:, lo:hi], **kw, generator=torch.Generator().manual_seed(seed),
-                                    vocab_group=group)
+                                    vocab=vocab)
             assert torch.equal(got, want), (sampling, seed, got, want)
     with pytest.raises(ValueError, match="top_p"):
         select_next_token(logits[:, lo:hi], do_sample=True, temperature=1.0, top_p=0.9, min_p=0.0, generator=None,
-                          vocab_group=group)
+                          vocab=vocab)
 
 
 def _bad_input_checks(rank, world, group):

@@ -49,13 +49,15 @@ def all_max(x: torch.Tensor, group) -> torch.Tensor:
 class VocabRows:
     """Reductions over the vocabulary of ``[B, V_rank]`` rows: plain ones without a group,
     collectives (never the rows themselves) with one. Every rank of the group must make
-    the same calls in the same order.
+    the same calls in the same order. Build one per vocabulary layout and keep it: the
+    ranks' row counts are gathered once, at the first call that needs them.
     """
 
-    def __init__(self, rows: torch.Tensor, group=None):
-        """``group``: the process group the vocabulary is sharded over, or None (whole rows)."""
-        self.rows = rows.shape[-1]
-        self.device = rows.device  # NCCL communicates only CUDA tensors
+    def __init__(self, rows: int, device, group=None):
+        """``rows``: this rank's vocabulary rows; ``group``: the process group the
+        vocabulary is sharded over, or None (whole rows)."""
+        self.rows = rows
+        self.device = torch.device(device)  # NCCL communicates only CUDA tensors
         self.group = group
         self._sizes: Optional[list] = None
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from vreason_kernels.distributed.collectives import VocabRows
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import check_sampling_args
@@ -47,6 +48,11 @@ class ModelParts:
     head_bias: Optional[torch.Tensor]
     vocab_size: int
     tp_group: Optional[object] = None
+
+    def __post_init__(self):
+        # The vocabulary layout token choice reduces over, kept for the run: under tensor
+        # parallelism its ranks' row counts are gathered once, not per token.
+        self.vocab_rows = VocabRows(self.head_weight.shape[0], self.head_weight.device, self.tp_group)
 
     def kv_group(self, layer: int):
         """The group decoder layer ``layer`` is sharded over (its parameters are DTensors

@@ -159,7 +159,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
         if update:
             fused_update(config, delta, rerun, context, cache, parts, alpha, entropy if in_graph else None)
             updates += 1
-        token = select_next_token(logits.detach(), **request.sampling, vocab_group=parts.tp_group)
+        token = select_next_token(logits.detach(), **request.sampling, vocab=parts.vocab_rows)
         token = recorder.record(
             k - 1, token, entropy=entropy.detach(), entropy_ema=ema, alpha=alpha,
             delta_norm=delta.norms() if delta is not None else zeros,

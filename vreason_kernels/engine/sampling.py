@@ -26,7 +26,7 @@ def select_next_token(
     top_p: float,
     min_p: float,
     generator: Optional[torch.Generator],
-    vocab_group=None,
+    vocab: Optional[VocabRows] = None,
 ) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` int64 token ids.
 
@@ -37,14 +37,17 @@ def select_next_token(
     ``generator``, ``argmax_j (z_j - log E_j)`` is token ``j`` with probability ``softmax(z)_j``
     (``-log E`` is Gumbel noise). Every step draws ``E`` for the whole ``[B, V]``.
 
-    ``vocab_group``: the process group over which the vocabulary is sharded
-    (``logits`` is then this rank's contiguous slice ``[B, V_rank]``, ranks in vocabulary
-    order). Each rank draws the same whole-vocabulary noise (the generator must be seeded
+    ``vocab``: the vocabulary's layout over a process group, ``VocabRows(V_rank, device,
+    group)``, built once per run (``logits`` is then this rank's contiguous slice
+    ``[B, V_rank]``, ranks in vocabulary order); None for whole rows. Each rank draws the same whole-vocabulary noise (the generator must be seeded
     alike on every rank) and keeps its columns, and the max and argmax become collectives
     of ``B`` values per rank, so the token is the one the whole logits would give, with
     no logits gathered. Top-p needs the sorted whole distribution and is refused there.
     """
-    vocab = VocabRows(logits, vocab_group)
+    if vocab is None:
+        vocab = VocabRows(logits.shape[-1], logits.device)
+    elif logits.shape[-1] != vocab.rows:
+        raise ValueError(f"logits: this rank holds {vocab.rows} vocabulary rows (vocab), got {logits.shape[-1]}")
     if not do_sample:
         return vocab.argmax(logits)
     # Relative to the row max (over the whole vocabulary), so a tiny temperature gives 0 and
