@@ -53,6 +53,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def resolve_backend_for(backend: str, name: str, x: torch.Tensor) -> str:
+    """``resolve_backend`` for the input ``name``: float64 runs only on the torch reference
+    (the fused backends accumulate in float32), which ``"auto"`` then picks."""
+    resolved = resolve_backend(backend, x.device)
+    if x.dtype != torch.float64:
+        return resolved
+    if backend == "auto":
+        return "torch"
+    if resolved != "torch":
+        raise TypeError(f"{name} of dtype float64 is supported only by backend='torch', not {backend!r}")
+    return resolved
+
+
 # Every op package names its backends alike: naive.py is the torch reference.
 _BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
 

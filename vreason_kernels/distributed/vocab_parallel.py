@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vreason_kernels._checks import FLOAT_DTYPES
-from vreason_kernels.backend import BACKENDS, resolve_backend
+from vreason_kernels.backend import BACKENDS, resolve_backend_for
 from vreason_kernels.distributed.collectives import all_gather, resolve_group
 from vreason_kernels.ops.linear_entropy.op import _check_args, _linear_entropy_weight_grad
 from vreason_kernels.ops.linear_entropy.partials import (
@@ -84,13 +84,7 @@ class _VocabParallelEntropy(torch.autograd.Function):
 def _local_check(hidden, weight, bias, temperature, return_logits, backend) -> str:
     """The single-process op's checks plus the backend's; returns the resolved backend."""
     _check_args(hidden, weight, bias, temperature, return_logits)
-    resolved = resolve_backend(backend, hidden.device)
-    if hidden.dtype == torch.float64:
-        if backend == "auto":
-            return "torch"
-        if resolved != "torch":
-            raise TypeError(f"hidden of dtype float64 is supported only by backend='torch', not {backend!r}")
-    return resolved
+    return resolve_backend_for(backend, "hidden", hidden)
 
 
 def _meta_device(hidden, group) -> torch.device:

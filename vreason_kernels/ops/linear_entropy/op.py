@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vreason_kernels._checks import check_bool, check_number, check_same, check_tensor
-from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
+from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend_for
 
 def _backend_impl(backend: str):
     return backend_module(__package__, backend)
@@ -181,12 +181,7 @@ def linear_entropy(
           tau -> 0, log V as tau -> inf.
     """
     _check_args(hidden, weight, bias, temperature, return_logits)
-    resolved = resolve_backend(backend, hidden.device)
-    if hidden.dtype == torch.float64:
-        if backend == "auto":
-            resolved = "torch"
-        elif resolved != "torch":
-            raise TypeError(f"hidden of dtype float64 is supported only by backend='torch', not {backend!r}")
+    resolved = resolve_backend_for(backend, "hidden", hidden)
     lead, dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     rows = hidden.reshape(-1, dim).contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()

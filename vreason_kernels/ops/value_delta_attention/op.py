@@ -24,7 +24,7 @@ from vreason_kernels._checks import (
     check_same,
     check_tensor,
 )
-from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend
+from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend_for
 from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
 
 def _backend_impl(backend: str):
@@ -233,12 +233,7 @@ def value_delta_attention(
         pass over the cache every step): they propagate to NaN rows, as in PyTorch.
     """
     _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
-    resolved = resolve_backend(backend, query.device)
-    if query.dtype == torch.float64:
-        if backend == "auto":
-            resolved = "torch"
-        elif resolved != "torch":
-            raise TypeError(f"query of dtype float64 is supported only by backend='torch', not {backend!r}")
+    resolved = resolve_backend_for(backend, "query", query)
     b, hq, t, d = query.shape
     n = key.shape[2]
     span_index = None if span is None else _span_index(span, n)  # checks span's values too
