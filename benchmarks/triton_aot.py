@@ -43,11 +43,13 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from vreason_kernels.ops.linear_entropy import triton_chunked as le_chunked  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_decode as le_decode  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_kernels as le  # noqa: E402
+from vreason_kernels.ops.linear_entropy import triton_matmul as le_matmul  # noqa: E402
 from vreason_kernels.ops.value_delta_attention import triton_kernels as vda  # noqa: E402
 
-LAUNCHER_MODULES = (le, le_decode, vda)
+LAUNCHER_MODULES = (le, le_decode, le_chunked, le_matmul, vda)
 
 # DESIGN.md §6: hidden size D, vocabulary V, q/kv heads, head_dim.
 MODELS = {
@@ -143,11 +145,14 @@ def linear_entropy_calls():
                 for mode, (need_grad, logits) in LINEAR_ENTROPY_MODES.items():
                     yield f"{label} {mode}", rows == 1, lambda h=hidden, w=weight, g=need_grad, lg=logits: (
                         le.forward(h, w, None, 1.0, g, lg))
-                if rows == 1:  # the general kernel, kept behind a switch for A/B timing at T=1
+                if rows == 1:  # the many-rows path, kept behind a switch for A/B timing at T=1
                     def general(h=hidden, w=weight):
                         with _env("VREASON_LINEAR_ENTROPY_DECODE_KERNEL", "0"):
                             le.forward(h, w, None, 1.0, True, False)
-                    yield f"{label} grad (general kernel)", False, general
+                    yield f"{label} grad (many-rows path)", False, general
+                else:  # the one-pass kernel with A/B, as the vocabulary-parallel op runs it per slice
+                    yield f"{label} slice partials", False, lambda h=hidden, w=weight: (
+                        le.forward_partials(h, w, None, 1.0, True, False))
                 stats = _meta(rows)
                 yield f"{label} weight grad", False, lambda h=hidden, w=weight, s=stats: (
                     le.weight_grad(h, w, None, 1.0, s, s, s, s, False))

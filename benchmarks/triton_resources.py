@@ -22,7 +22,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from triton_aot import (  # noqa: E402  (drops TRITON_INTERPRET before triton is imported)
-    DTYPES, MODELS, SPAN_MARGIN, TARGETS, TOKENS, attention_shapes, check, compile_all, le, le_decode, torch, triton, vda,
+    DTYPES, MODELS, SPAN_MARGIN, TARGETS, TOKENS, attention_shapes, check, compile_all, le, le_chunked, le_decode,
+    le_matmul, torch, triton, vda,
 )
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "triton_resources.md"
@@ -61,6 +62,9 @@ class Traffic:
     note: str
     flops: float = 0.0  # the least arithmetic any implementation does
     work: float = None  # the arithmetic this design does (default: flops)
+    # (HBM bytes, bf16-equivalent flops) per launch, for designs of several launches that
+    # cannot overlap one another's memory and arithmetic: the model sums their bounds.
+    launches: tuple = ()
 
     def ratio(self) -> float:
         return self.hbm / self.floor
@@ -73,18 +77,21 @@ class Traffic:
     def model_us(self, target: str) -> float:
         """The same bound with this design's bytes and arithmetic (a lower bound on its time)."""
         _, _, _, gbps, tflops = TARGETS[target]
+        if self.launches:
+            return sum(max(b / (gbps * 1e3), f / (tflops * 1e6)) for b, f in self.launches)
         work = self.flops if self.work is None else self.work
         return max(self.hbm / (gbps * 1e3), work / (tflops * 1e6))
 
 
-def linear_entropy_traffic(target: str, dtype=torch.bfloat16):
-    """The forward (partials + merge) with the gradient and the logits, as V-Reason runs it."""
+def one_pass_traffic(target: str, dtype=torch.bfloat16):
+    """The one-pass forward (partials + merge) with the gradient at T > 1: no longer what
+    ``forward`` runs there, but what the vocabulary-parallel op runs on each slice."""
     sm_count = TARGETS[target][1]
     e = torch.finfo(dtype).bits // 8
     l2 = L2_BYTES[target] * L2_USABLE
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
-        for rows in TOKENS:
+        for rows in TOKENS[1:]:
             blocks = le._forward_blocks(rows, dtype)
             chunk, splits = le._split_plan(rows, V, blocks, sm_count)
             row_blocks = triton.cdiv(rows, blocks["BLOCK_R"])
@@ -103,7 +110,7 @@ def linear_entropy_traffic(target: str, dtype=torch.bfloat16):
             # Row blocks of one split run side by side (grid axis 0 is fastest), so they share W in L2.
             hbm = w + (0 if fits else slab) + io + merge
             yield Traffic(
-                "linear_entropy general fwd+dh", f"{model} T={rows}", w + io, hbm,
+                "linear_entropy one-pass fwd+dh (vocab-parallel slices)", f"{model} T={rows}", w + io, hbm,
                 l2=row_blocks * 2 * w + slab + io + merge, working_set=slab_set + w_set,
                 note=f"grid {row_blocks}x{splits}, A/B slab {slab / w:.2f} B per W byte, "
                      + ("fits L2" if fits else "slab and W tiles spill out of L2"),
@@ -160,29 +167,82 @@ def attention_traffic(target: str, dtype=torch.bfloat16):
         yield Traffic("value_delta_attention fwd+bwd", label, floor, hbm, l2, ws, note, flops)
 
 
-def weight_grad_traffic(target: str, dtype=torch.bfloat16):
-    """dW: each [BLOCK_V, BLOCK_D] program recomputes its logits over all of D. The D tiles
-    of one vocabulary tile are grid axis 0, so they run side by side and re-read its W rows
-    from L2: HBM sees W once if the W rows of the programs in flight fit L2."""
+def _chunk_sizes(rows: int, vocab: int) -> list:
+    size = le_chunked.chunk_rows(rows, vocab)
+    return [min(size, rows - start) for start in range(0, rows, size)]
+
+
+def _gemm_launch(m, n, k, a_bytes, b_bytes, out_bytes, tf32, target, split_k=False):
+    """(HBM bytes, bf16-equivalent flops) of one ``triton_matmul.matmul``.
+
+    The grouped order keeps the programs in flight on the same A rows and B columns, so
+    B is read once, and so is A where it fits L2. An A too big for L2 (G in ``G W``, K =
+    the vocabulary) is streamed once per wave of programs; split-K waves each read their
+    own K range. One 8-warp block per SM (ptxas gives the 128 x 128 tiles 150-250
+    registers per thread). tl.dot at tf32 runs at half the bf16 rate: its flops count twice.
+    """
     sm_count = TARGETS[target][1]
+    blocks = le_matmul.matmul_blocks(m, tf32)
+    tiles = triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"])
+    splits = le_matmul.split_k_plan(tiles, k, blocks["BLOCK_K"], sm_count)[1] if split_k else 1
+    # A group's A rows serve all its N tiles: read once if they stay in L2 meanwhile.
+    group_m = min(blocks["GROUP_M"], triton.cdiv(m, blocks["BLOCK_M"]))
+    group_a = a_bytes * group_m * blocks["BLOCK_M"] / m
+    waves = triton.cdiv(group_m * triton.cdiv(n, blocks["BLOCK_N"]), sm_count)
+    a_reads = 1 if splits > 1 or group_a <= L2_BYTES[target] * L2_USABLE else waves
+    partials = 2 * splits * m * n * 4 if splits > 1 else 0
+    return a_reads * a_bytes + b_bytes + out_bytes + partials, 2 * m * n * k * (2 if tf32 else 1)
+
+
+def chunked_traffic(target: str, dtype=torch.bfloat16):
+    """``forward`` with the gradient and the logits at T > 1 (and T=1 behind the switch):
+    per chunk of C rows, the logits GEMM, their copy out, stats, G, and ``dH/dh = G W``."""
     e = torch.finfo(dtype).bits // 8
-    l2 = L2_BYTES[target] * L2_USABLE
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
-        blocks = le._weight_grad_blocks()
-        d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
+        w = V * D * e
         for rows in TOKENS:
-            w = V * D * e
-            io = rows * D * e + V * D * 4  # hidden, dW (fp32)
-            in_flight_v_tiles = triton.cdiv(2 * sm_count, d_tiles) + 1
-            w_set = in_flight_v_tiles * blocks["BLOCK_V"] * D * e + rows * D * e
-            fits = w_set <= l2
-            hbm = (w if fits else d_tiles * w) + io
-            h_rereads = d_tiles * triton.cdiv(V, blocks["BLOCK_V"]) * rows * D * e
-            yield Traffic("linear_entropy dW", f"{model} T={rows}", w + io, hbm, d_tiles * w + io + h_rereads, w_set,
-                          note=f"logits recomputed {d_tiles}x, W re-read {d_tiles}x "
-                               + ("from L2" if fits else "from HBM (W rows in flight spill out of L2)"),
-                          flops=4 * rows * V * D, work=(d_tiles + 1) * 2 * rows * V * D)
+            launches = []
+            for c in _chunk_sizes(rows, V):
+                x = c * V * 4  # the fp32 scratch
+                launches += [
+                    _gemm_launch(c, V, D, c * D * e, w, x, False, target),  # logits = h W^T
+                    (x + c * V * e, 0.0),  # the logits returned
+                    (x, 0.0),  # stats (the merge moves a few KB)
+                    (2 * x, 0.0),  # G over the logits
+                    _gemm_launch(c, D, V, x, w, c * D * 4, True, target, split_k=True),  # dH/dh = G W
+                ]
+            io = rows * D * e + rows * V * e + rows * D * 4  # hidden, logits, dH/dh
+            chunks = len(_chunk_sizes(rows, V))
+            yield Traffic("linear_entropy fwd+dh (statistics first)", f"{model} T={rows}", w + io,
+                          sum(b for b, _ in launches), l2=sum(b for b, _ in launches), working_set=0,
+                          note=f"{chunks} chunk(s) of {_chunk_sizes(rows, V)[0]} rows, W read {2 * chunks}x, "
+                               f"scratch {5 * rows * V * 4 / w:.2f} B per W byte, G W at tf32",
+                          flops=4 * rows * V * D, launches=tuple(launches))
+
+
+def weight_grad_traffic(target: str, dtype=torch.bfloat16):
+    """dW per chunk of C rows: the logits GEMM, G over them, ``dW += G^T h`` (dW read and
+    written again by every chunk after the first)."""
+    e = torch.finfo(dtype).bits // 8
+    for model, spec in MODELS.items():
+        D, V = spec["D"], spec["V"]
+        w = V * D * e
+        dw = V * D * 4
+        for rows in TOKENS:
+            launches = []
+            for i, c in enumerate(_chunk_sizes(rows, V)):
+                x = c * V * 4
+                launches += [
+                    _gemm_launch(c, V, D, c * D * e, w, x, False, target),
+                    (2 * x, 0.0),
+                    _gemm_launch(V, D, c, x, c * D * e, dw * (2 if i else 1), True, target),
+                ]
+            chunks = len(_chunk_sizes(rows, V))
+            yield Traffic("linear_entropy dW (statistics first)", f"{model} T={rows}", w + rows * D * e + dw,
+                          sum(b for b, _ in launches), l2=sum(b for b, _ in launches), working_set=0,
+                          note=f"{chunks} chunk(s), logits computed once, dW accumulated {chunks}x, G^T h at tf32",
+                          flops=4 * rows * V * D, launches=tuple(launches))
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,11 +284,14 @@ def _spill_summary(rows) -> list:
     return lines + [""] if spills else []
 
 
+SOURCES = (linear_entropy_decode_traffic, chunked_traffic, weight_grad_traffic, one_pass_traffic, attention_traffic)
+
+
 def _traffic_table(target: str) -> list:
     lines = ["| kernel | shape | floor (MB) | model HBM (MB) | HBM / floor | L2 requests (MB) | L2 working set (MB) "
              "| floor (us) | model (us) | model / floor | notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for source in (linear_entropy_traffic, linear_entropy_decode_traffic, weight_grad_traffic, attention_traffic):
+    for source in SOURCES:
         for x in source(target):
             floor_us, model_us = x.floor_us(target), x.model_us(target)
             lines.append(f"| {x.kernel} | {x.shape} | {x.floor / 1e6:.1f} | {x.hbm / 1e6:.1f} | {x.ratio():.2f} | "
@@ -239,8 +302,7 @@ def _traffic_table(target: str) -> list:
 
 def _misses(target: str) -> list:
     """The launches whose model bound is over 1.3x the floor, and what was done about each."""
-    sources = (linear_entropy_traffic, linear_entropy_decode_traffic, weight_grad_traffic, attention_traffic)
-    over = [x for source in sources for x in source(target) if x.model_us(target) > 1.3 * x.floor_us(target)]
+    over = [x for source in SOURCES for x in source(target) if x.model_us(target) > 1.3 * x.floor_us(target)]
     lines = [f"Predicted to miss 1.3x of the floor on {target} (model / floor):", ""]
     lines += [f"- {x.kernel}, {x.shape}: {x.model_us(target) / x.floor_us(target):.2f}x ({x.note})" for x in over]
     lines += [

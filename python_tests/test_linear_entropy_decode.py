@@ -103,8 +103,8 @@ def test_split_counts_agree(num_splits):
     hidden, weight, bias = _inputs(173, 41, torch.float32)
     blocks = decode.decode_blocks(41)
     assert triton.cdiv(173, blocks["BLOCK_V"]) > 3, "the shape must span several tiles"
-    one = tk.forward(hidden, weight, bias, 1.0, True, True, num_splits=1)
-    many = tk.forward(hidden, weight, bias, 1.0, True, True, num_splits=num_splits)
+    one = tk.one_pass_forward(hidden, weight, bias, 1.0, True, True, num_splits=1)
+    many = tk.one_pass_forward(hidden, weight, bias, 1.0, True, True, num_splits=num_splits)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

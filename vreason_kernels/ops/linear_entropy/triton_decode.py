@@ -118,8 +118,9 @@ MAX_DIM = 8192
 
 
 def decode_kernel_applies(rows: int, dim: int) -> bool:
-    """T=1 takes this kernel; VREASON_LINEAR_ENTROPY_DECODE_KERNEL=0 selects the general one
-    (kept for A/B timing on a GPU: the choice rests on the bytes model, not on a measurement)."""
+    """T=1 takes this kernel; VREASON_LINEAR_ENTROPY_DECODE_KERNEL=0 sends it to the many-rows
+    path (``triton_chunked``: W read twice), kept for A/B timing on a GPU: the choice rests on
+    the bytes model, not on a measurement."""
     return rows == 1 and dim <= MAX_DIM and os.environ.get("VREASON_LINEAR_ENTROPY_DECODE_KERNEL", "1") != "0"
 
 

@@ -1,9 +1,18 @@
-"""The Triton backend of ``linear_entropy``: entropy and dH/dh from ONE read of the weight.
+"""The Triton backend of ``linear_entropy``: the one-pass kernels, and where each path runs.
 
 Notation (DESIGN.md §2.1): ``z = (W h + b) / tau``, ``p = softmax(z)``,
 ``H = logsumexp(z) - sum_j p_j z_j``, ``dH/dz_j = -p_j (z_j - mu)`` with ``mu = E_p[z]``.
 
-The forward takes two launches:
+Which path ``forward`` takes:
+
+- one row with the gradient (V-Reason's update step): ``triton_decode``'s kernel, W
+  streamed once with h, A and B in registers, then ``_merge_kernel``;
+- the entropy alone, at any row count: ``_forward_partials_kernel`` and ``_merge_kernel``
+  below, one read of W;
+- the gradient of more rows: ``triton_chunked``, statistics first and then ``dH/dh = G W``
+  as a plain product (its docstring says why). ``weight_grad`` always goes there.
+
+The one-pass forward takes two launches:
 
 1. ``_forward_partials_kernel``, grid ``(row blocks, vocabulary splits)``. Each program
    streams its contiguous chunk of the vocabulary in ``BLOCK_V`` tiles and keeps, relative
@@ -12,22 +21,14 @@ The forward takes two launches:
        s = sum e^{z_j - m}             t = sum e^{z_j - m} (z_j - m)
        A = sum e^{z_j - m} w_j         B = sum e^{z_j - m} (z_j - m) w_j
 
-   ``A``/``B`` are ``[BLOCK_R, D]`` and D reaches 8192, far beyond registers, so they live
-   in a fp32 scratch slab owned by the program and are read-modify-written one D tile at a
-   time per vocabulary tile. The weight tile is read once from HBM for the logits and a
-   second time, right after, for the ``A``/``B`` update; tiles are small enough
-   (``BLOCK_V x D``) that the second read hits L2, so HBM sees one read of W.
+   ``A``/``B`` (with the gradient only) are ``[BLOCK_R, D]`` and D reaches 8192, far
+   beyond registers, so they live in a fp32 scratch slab owned by the program and are
+   read-modify-written one D tile at a time per vocabulary tile: 16 bytes of slab traffic
+   per ``BLOCK_V`` bf16 W bytes and row. ``forward`` therefore sends the gradient of more
+   than one row elsewhere; the vocabulary-parallel op (``vreason_kernels.distributed``),
+   which needs each slice's A and B themselves, still runs it.
 2. ``_merge_kernel``, grid ``(row blocks, D tiles)``, folds the splits in a fixed order
    (split 0, 1, ...): no atomics, so the same input gives the same bits on every run.
-
-   The slab traffic per vocabulary tile is ``16 BLOCK_R D`` bytes against
-   ``6 BLOCK_R BLOCK_V D`` flops. At decode (one row) it is a few percent of the W read
-   and stays in L2; for thousands of rows (prefill) it, not the GEMM, sets the time, so
-   large-R tiles want retuning on the GPU.
-
-``weight_grad`` is one more kernel, ``_weight_grad_kernel``: each program owns a
-``[BLOCK_V, BLOCK_D]`` tile of dW and loops over all rows, recomputing the logits it needs.
-It runs only when the weight (or bias) requires grad, never in V-Reason's hot path.
 
 Determinism: block sizes, warps and the split count are functions of the shapes only;
 the autotuner (CUDA only) chooses among pipelining depths (``num_stages``), which change
@@ -87,6 +88,25 @@ def _rescale(m_old, m_new):
     return tl.where(seen, tl.exp(delta), 0.0), delta
 
 
+@triton.jit
+def _online_softmax_tile(m, z):
+    """One tile ``z [rows, cols]`` of the online sums kept relative to the running max ``m [rows]``.
+
+    Returns ``(m', r, delta, e, ez)``: ``m' = max(m, max_j z_j)``, ``r, delta`` from
+    ``_rescale(m, m')``, ``e = e^{z - m'}`` and ``ez = e (z - m')``, so that the caller
+    updates ``t <- r (t + delta s) + sum ez`` and ``s <- r s + sum e`` (and, in the one-pass
+    kernel, A and B). Masked entries (z = -inf) get weight exactly 0 via ``where`` rather
+    than e^{-inf} * (-inf) = NaN; a NaN logit stays live, so that it makes the row's H NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    r, delta = _rescale(m, m_new)
+    live = z != _NEG_INF
+    m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
+    zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
+    e = tl.where(live, tl.exp(zc), 0.0)
+    return m_new, r, delta, e, e * zc
+
+
 # ----------------------------------------------------------------------------------------
 # Forward: per-split partials, then a fixed-order merge
 # ----------------------------------------------------------------------------------------
@@ -131,14 +151,7 @@ def _forward_partials_kernel(
         if STORE_LOGITS:
             out = logits_ptr + rows64[:, None] * V + cols[None, :]
             tl.store(out, logits.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
-        z = logits / tau
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        r, delta = _rescale(m, m_new)
-        live = z != _NEG_INF  # a NaN logit stays live, so that it makes the row's H NaN
-        m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
-        zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
-        e = tl.where(live, tl.exp(zc), 0.0)
-        ez = e * zc
+        m_new, r, delta, e, ez = _online_softmax_tile(m, logits / tau)
         if NEED_GRAD:
             # Slab rows that have seen no live entry hold zeros: skip reading them (this
             # also covers the chunk's first tile, whose slab is still uninitialised).
@@ -180,9 +193,9 @@ def _update_moments(w_ptr, a_ptr, bb_ptr, slab, row_ok, row_has_prev, cols, V, D
 @triton.jit
 def _merge_kernel(
     m_ptr, s_ptr, t_ptr, a_ptr, bb_ptr,
-    entropy_ptr, row_max_ptr, log_sum_ptr, dh_ptr,
+    entropy_ptr, row_max_ptr, log_sum_ptr, mean_ptr, dh_ptr,
     R, D, SPLITS, tau,
-    NEED_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEED_GRAD: tl.constexpr, STORE_MEAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fold the splits, in order, onto the global max ``M = max_k m_k``, then finish.
 
@@ -198,7 +211,8 @@ def _merge_kernel(
 
     H is taken from the relative sums, not as lse - mu, which would cancel catastrophically
     for logits of magnitude 1e4. Program (i, 0) also writes the row statistics M and
-    log S (lse = M + log S), kept apart for the same reason (see ``_weight_grad_kernel``).
+    log S (lse = M + log S), kept apart for the same reason (see ``triton_chunked._logit_grad_kernel``).
+    STORE_MEAN: it also writes ``mu - M = T/S``, the centre ``triton_chunked`` needs exact.
     """
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -222,6 +236,8 @@ def _merge_kernel(
         tl.store(entropy_ptr + rows, log_s - mean, mask=row_ok)
         tl.store(row_max_ptr + rows, m_max, mask=row_ok)
         tl.store(log_sum_ptr + rows, log_s, mask=row_ok)
+        if STORE_MEAN:
+            tl.store(mean_ptr + rows, mean, mask=row_ok)
     if NEED_GRAD:
         ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (ds < D)[None, :]
@@ -240,66 +256,6 @@ def _merge_kernel(
             b_k_ptr += R * D
         dh = -(b - mean[:, None] * a) / (total_s * tau)[:, None]
         tl.store(dh_ptr + rows_d, dh, mask=mask)
-
-
-# ----------------------------------------------------------------------------------------
-# Weight gradient
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _weight_grad_kernel(
-    h_ptr, w_ptr, b_ptr, row_max_ptr, log_sum_ptr, entropy_ptr, g_ptr, dw_ptr, db_ptr,
-    R, V, D, stride_w, tau,
-    HAS_BIAS: tl.constexpr, NEED_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One ``[BLOCK_V, BLOCK_D]`` tile of dW (and db), summed over every row in order:
-
-        G[r, j] = g_r dH_r/dz_rj / tau = -g_r p_rj (z_rj - mu_r) / tau
-        dW[j, :] = sum_r G[r, j] h_r        db[j] = sum_r G[r, j]
-
-    computed relative to the row max M as ``p = e^{d - log S}``, ``z - mu = d - (log S - H)``
-    with ``d = z - M``: the absolute lse and mu, rounded to fp32, would each add ulp(M)
-    to every coefficient (2-3x plain PyTorch's error for logits near 1000).
-
-    The program owns its tile outright (no atomics). G is zero wherever p = 0 (masked
-    vocabulary, padding rows), set by ``where`` so that 0 * inf never appears.
-
-    Every D tile of one vocabulary tile recomputes the same logits from the same W rows, so
-    the D tiles are grid axis 0 (launched next to each other): their W re-reads hit L2
-    instead of HBM.
-    """
-    pid_d = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
-    dw = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, R, V, D, stride_w, HAS_BIAS, BLOCK_D, PRECISION) / tau
-        row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
-        log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
-        mean = log_sum - tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)  # mu - M
-        scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / tau
-        # An all-masked row (M = -inf) has no live entry, so it adds nothing.
-        live = (z > _NEG_INF) & row_ok[:, None]
-        d = tl.where(live, z - row_max[:, None], 0.0)
-        p = tl.where(live, tl.exp(d - log_sum[:, None]), 0.0)
-        # where, not a product with p = 0: mean is NaN on all-masked rows.
-        grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
-        h = tl.load(h_ptr + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        dw = tl.dot(tl.trans(grad), h.to(tl.float32), dw, input_precision=PRECISION)
-        if NEED_BIAS:
-            db += tl.sum(grad, axis=0)
-    col_ok = cols < V
-    tl.store(dw_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
-    if NEED_BIAS:
-        if pid_d == 0:  # every D tile sums the same db; one writes it
-            tl.store(db_ptr + cols, db, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,10 +282,6 @@ def _forward_blocks(rows: int, dtype: torch.dtype) -> dict:
     if rows <= 16:
         return dict(BLOCK_R=16, BLOCK_V=16, BLOCK_D=256)
     return dict(BLOCK_R=32, BLOCK_V=64 if dtype == torch.float32 else 128, BLOCK_D=64)
-
-
-def _weight_grad_blocks() -> dict:
-    return dict(_INTERPRETER_BLOCKS) if triton_interpreted() else dict(BLOCK_R=32, BLOCK_V=64, BLOCK_D=128)
 
 
 def _merge_blocks() -> dict:
@@ -378,7 +330,6 @@ def _tuned(*, key):
 _forward_partials = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_GRAD", "STORE_LOGITS"])(
     _forward_partials_kernel
 )
-_weight_grad = _tuned(key=["D", "BLOCK_R", "BLOCK_V", "BLOCK_D", "NEED_BIAS"])(_weight_grad_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -428,8 +379,24 @@ def forward_partials(hidden, weight, bias, temperature: float, need_grad: bool, 
     return stats, moments, logits
 
 
-def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, num_splits=None):
+def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool):
     """(entropy f32 [R], dH/dh f32 [R, D] | [0], row_max f32 [R], log_sum f32 [R], logits [R, V] | [0]).
+
+    One pass over W (``one_pass_forward``) where the gradient's A/B fit on chip or are not
+    wanted: the T=1 kernel, and the entropy alone. The gradient of more rows takes the
+    statistics-first path (``triton_chunked``), whose module docstring says why.
+    """
+    rows, dim = hidden.shape
+    from vreason_kernels.ops.linear_entropy import triton_chunked, triton_decode  # both import this module
+
+    if rows > 0 and need_grad and not triton_decode.decode_kernel_applies(rows, dim):
+        return triton_chunked.forward(hidden, weight, bias, temperature, return_logits)
+    return one_pass_forward(hidden, weight, bias, temperature, need_grad, return_logits)
+
+
+def one_pass_forward(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool,
+                     num_splits=None):
+    """``forward`` from the partials kernels and ``_merge_kernel``, at any row count.
 
     ``num_splits`` overrides the vocabulary split count (tests of the merge); by default
     it comes from ``_num_splits``.
@@ -448,28 +415,24 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
     grid = (triton.cdiv(rows, merge["BLOCK_R"]), triton.cdiv(dim, merge["BLOCK_D"]) if need_grad else 1)
     _merge_kernel[grid](
         stats[0], stats[1], stats[2], moments[0], moments[1],
-        entropy, row_max, log_sum, dh if need_grad else entropy,
+        entropy, row_max, log_sum, entropy, dh if need_grad else entropy,
         rows, dim, stats.shape[1], float(temperature),
-        NEED_GRAD=need_grad, **merge,
+        NEED_GRAD=need_grad, STORE_MEAN=False, **merge,
     )
     return entropy, dh, row_max, log_sum, logits
 
 
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
-    """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau (f32 [V, D]), db_j = sum_r g_r dH_r/dz_rj / tau (f32 [V] | [0])."""
+    """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau (f32 [V, D]), db_j = sum_r g_r dH_r/dz_rj / tau (f32 [V] | [0]).
+
+    The logits once, then one product with h (``triton_chunked``).
+    """
     rows, dim = hidden.shape
     vocab = weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
     if rows == 0:  # nothing to sum; also keeps empty tensors out of the launch
+        f32 = dict(dtype=torch.float32, device=hidden.device)
         return torch.zeros((vocab, dim), **f32), torch.zeros(vocab if need_bias else 0, **f32)
-    grad_weight = new_output((vocab, dim), **f32)
-    grad_bias = new_output((vocab,) if need_bias else (0,), **f32)
-    blocks = _weight_grad_blocks()
-    grid = (triton.cdiv(dim, blocks["BLOCK_D"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
-    _weight_grad[grid](
-        hidden, weight, hidden if bias is None else bias, row_max, log_sum, entropy, grad_entropy,
-        grad_weight, grad_bias if need_bias else grad_weight,
-        rows, vocab, dim, weight.stride(0), float(temperature),
-        HAS_BIAS=bias is not None, NEED_BIAS=need_bias, PRECISION=_precision(hidden.dtype), **blocks,
-    )
-    return grad_weight, grad_bias
+    from vreason_kernels.ops.linear_entropy import triton_chunked  # imports this module
+
+    return triton_chunked.weight_grad(hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy,
+                                      need_bias)
