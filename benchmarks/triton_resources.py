@@ -216,7 +216,8 @@ def chunked_traffic(target: str, dtype=torch.bfloat16):
             chunks = len(_chunk_sizes(rows, V))
             yield Traffic("linear_entropy fwd+dh (statistics first)", f"{model} T={rows}", w + io,
                           sum(b for b, _ in launches), l2=sum(b for b, _ in launches), working_set=0,
-                          note=f"{chunks} chunk(s) of {_chunk_sizes(rows, V)[0]} rows, W read {2 * chunks}x, "
+                          note=("only with VREASON_LINEAR_ENTROPY_DECODE_KERNEL=0: " if rows == 1 else "")
+                               + f"{chunks} chunk(s) of {_chunk_sizes(rows, V)[0]} rows, W read {2 * chunks}x, "
                                f"scratch {5 * rows * V * 4 / w:.2f} B per W byte, G W at tf32",
                           flops=4 * rows * V * D, launches=tuple(launches))
 

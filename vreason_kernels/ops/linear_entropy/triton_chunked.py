@@ -9,7 +9,7 @@ Notation as ``triton_kernels`` (DESIGN.md §2.1). With the row statistics known 
 (``g`` the entropy's incoming gradient). So, for one chunk of rows at a time:
 
 1. ``logits = h W^T + b`` into an fp32 scratch ``[C, V]`` (``triton_matmul``; W read once);
-2. ``_logit_stats_kernel``, grid ``(rows, vocabulary splits)``: each split's online
+2. ``_logit_stats_kernel``, grid ``(row blocks, vocabulary splits)``: each split's online
    (m, s, t), folded by ``triton_kernels._merge_kernel`` into H, M, log S and mu;
 3. ``_logit_grad_kernel``, same grid: G written over the logits;
 4. ``dH/dh = G W`` (W read again), or ``dW += (g G)^T h`` and ``db += sum_r g_r G``.
@@ -32,7 +32,7 @@ double that product's tensor-core rate at T=4096; it is left as a choice to meas
 GPU.
 
 Scratch: the chunk's fp32 logits, at most ``SCRATCH_BYTES`` (768 rows of a 152k
-vocabulary), so peak memory does not grow with T; T=16 is one chunk of 9.7 MB.
+vocabulary), so the scratch does not grow with T; T=16 is one chunk of 9.7 MB.
 Determinism: every program owns its outputs, and chunks, splits and split-K partials are
 summed in index order.
 """
@@ -167,6 +167,7 @@ def _stats(scratch, temperature, entropy, row_max, log_sum, mean):
 
 
 def _logit_grad(scratch, temperature, row_max, log_sum, mean, weights=None):
+    """G over the stored logits; ``weights``: the rows' g (the weight gradient), else 1."""
     grid, chunk, blocks = _row_launch(scratch)
     rows, vocab = scratch.shape
     _logit_grad_kernel[grid](scratch, row_max, log_sum, mean, mean if weights is None else weights,
@@ -192,14 +193,14 @@ def forward(hidden, weight, bias, temperature: float, return_logits: bool):
     entropy, row_max, log_sum = (new_output((rows,), **f32) for _ in range(3))
     dh = new_output((rows, dim), **f32)
     logits = new_output((rows, vocab) if return_logits else (0,), dtype=hidden.dtype, device=hidden.device)
-    mean = torch.empty(chunk_rows(rows, vocab), **f32)  # mu - M of the chunk's rows
+    mean = torch.empty(rows, **f32)  # mu - M
     for start, end, scratch in _chunks(hidden, vocab):
-        _logits(hidden[start:end], weight, bias, scratch)
-        if return_logits:
-            logits[start:end].copy_(scratch)
         part = slice(start, end)
-        _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[: end - start])
-        _logit_grad(scratch, temperature, row_max[part], log_sum[part], mean[: end - start])
+        _logits(hidden[part], weight, bias, scratch)
+        if return_logits:
+            logits[part].copy_(scratch)
+        _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[part])
+        _logit_grad(scratch, temperature, row_max[part], log_sum[part], mean[part])
         matmul(scratch, weight, dh[part], precision=_precision(hidden.dtype), split_k=True)
     return entropy, dh, row_max, log_sum, logits
 
