@@ -1,7 +1,10 @@
 """Triton-specific checks of linear_entropy: the vocabulary split/merge, strides, empty rows.
 
 The backend-generic accuracy tests live in test_linear_entropy.py; these call the backend
-module directly so that they can force the split count (``num_splits``).
+module directly so that they can force the split count (``num_splits``) of the one-pass
+kernels (``one_pass_forward``: with the gradient at T > 1 it is what the vocabulary-parallel
+op runs per slice; ``forward`` takes the statistics-first path there, tested in
+test_linear_entropy_chunked.py). The weight gradients checked here take that path too.
 """
 
 import pytest
