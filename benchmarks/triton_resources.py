@@ -223,8 +223,8 @@ def chunked_traffic(target: str, dtype=torch.bfloat16):
 
 
 def weight_grad_traffic(target: str, dtype=torch.bfloat16):
-    """dW per chunk of C rows: the logits GEMM, G over them, ``dW += G^T h`` (dW read and
-    written again by every chunk after the first)."""
+    """dW per chunk of C rows: the logits GEMM, their statistics, G over them, ``dW += G^T h``
+    (dW read and written again by every chunk after the first)."""
     e = torch.finfo(dtype).bits // 8
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
@@ -236,7 +236,8 @@ def weight_grad_traffic(target: str, dtype=torch.bfloat16):
                 x = c * V * 4
                 launches += [
                     _gemm_launch(c, V, D, c * D * e, w, x, False, target),
-                    (2 * x, 0.0),
+                    (x, 0.0),  # stats
+                    (2 * x, 0.0),  # G over the logits
                     _gemm_launch(V, D, c, x, c * D * e, dw * (2 if i else 1), True, target),
                 ]
             chunks = len(_chunk_sizes(rows, V))

@@ -8,6 +8,7 @@ accumulation, strides and mixed dtypes, and which kernels each call launches.
 import pytest
 import torch
 
+from python_tests.utils import assert_close_to_reference
 from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.linear_entropy import naive
 
@@ -28,25 +29,37 @@ def _inputs(rows, vocab, dim, dtype=torch.float32, offset=0.0):
     return hidden, weight, bias
 
 
-def _check(hidden, weight, bias, temperature=1.0, atol=2e-5):
-    """Forward (with gradient and logits) and both weight grads against naive.py in float64."""
+def _check(hidden, weight, bias, temperature=1.0):
+    """Forward (with gradient and logits) and both weight grads against naive.py in float64.
+
+    The rule is flash-attention's: at most 2x the error of the same computation in plain
+    PyTorch at the inputs' dtype (naive.py on the unconverted inputs), plus a small floor.
+    """
     out = tk.forward(hidden, weight, bias, temperature, True, True)
     as64 = [None if t is None else t.double() for t in (hidden, weight, bias)]
     ref = naive.forward(*as64, temperature, True, True)
-    for name, got, want in zip(("entropy", "dh", "row_max", "log_sum"), out[:4], ref[:4]):
-        torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-5, msg=name)
-    torch.testing.assert_close(out[4], ref[4].to(hidden.dtype), atol=atol, rtol=1e-5, msg="logits")
+    base = naive.forward(hidden, weight, bias, temperature, True, True)
+    names = ("entropy", "dh", "row_max", "log_sum", "logits")
+    for name, got, want, plain in zip(names, out, ref, base):
+        _assert_within_2x(name, got, want, plain)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
-    got = tk.weight_grad(hidden, weight, bias, temperature, out[2], out[3], out[0], grad, bias is not None)
-    want = naive.weight_grad(*as64, temperature, ref[2], ref[3], ref[0], grad.double(), bias is not None)
-    for name, g, w in zip(("dW", "db"), got, want):
-        torch.testing.assert_close(g.double(), w, atol=atol, rtol=1e-5, msg=name)
+    need_bias = bias is not None
+    got = tk.weight_grad(hidden, weight, bias, temperature, out[2], out[3], out[0], grad, need_bias)
+    want = naive.weight_grad(*as64, temperature, ref[2], ref[3], ref[0], grad.double(), need_bias)
+    plain = naive.weight_grad(hidden, weight, bias, temperature, base[2], base[3], base[0], grad, need_bias)
+    for name, g, w, b in zip(("dW", "db"), got, want, plain):
+        _assert_within_2x(name, g, w, b)
+
+
+def _assert_within_2x(name, got, want, plain):
+    if want.numel():  # db is empty without a bias
+        floor = 1e-6 * max(1.0, want.abs().max().item())
+        assert_close_to_reference(got, want, plain.double(), k=2.0, atol=floor, name=name)
 
 
 @pytest.mark.parametrize("scratch_rows", [1, 4, 7, 1000], ids=lambda r: f"{r}-rows-per-chunk")
 def test_any_chunking_matches_reference(monkeypatch, scratch_rows):
     vocab = 211
-    monkeypatch.setattr(chunked, "_INTERPRETER_SCRATCH_BYTES", scratch_rows * 4 * vocab)
     monkeypatch.setattr(chunked, "SCRATCH_BYTES", scratch_rows * 4 * vocab)
     hidden, weight, bias = _inputs(23, vocab, 37)
     assert chunked.chunk_rows(23, vocab) == min(23, scratch_rows)
@@ -54,8 +67,7 @@ def test_any_chunking_matches_reference(monkeypatch, scratch_rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_inputs_have_fp32_arithmetic(dtype):
-    # Exact bf16/fp16 inputs and fp32 sums: only the returned logits' rounding shows.
+def test_half_inputs(dtype):
     _check(*_inputs(13, 173, 29, dtype), temperature=1.3)
 
 
@@ -63,7 +75,7 @@ def test_large_offset_without_bias_and_strided_weight():
     wide = torch.randn(157, 70, device=DEVICE) * 3
     weight = wide[:, 5:48]  # row stride 70, D = 43
     hidden = torch.randn(9, 43, device=DEVICE) + 30.0  # logits near +-1000
-    _check(hidden, weight, None, atol=5e-4)
+    _check(hidden, weight, None)
 
 
 def test_masked_vocabulary_and_a_row_with_no_distribution():
@@ -114,8 +126,7 @@ def test_switch_sends_one_row_to_this_path(monkeypatch):
     _check(*_inputs(1, 131, 26))
 
 
-def test_chunk_budget_at_the_design_shapes(monkeypatch):
-    monkeypatch.setattr(chunked, "triton_interpreted", lambda: False)
+def test_chunk_budget_at_the_design_shapes():
     for rows, vocab, want in ((4096, 152064, 768), (16, 152064, 16), (1, 151936, 1), (5000, 10**7, 13)):
         got = chunked.chunk_rows(rows, vocab)
         assert got == want and got * vocab * 4 <= max(chunked.SCRATCH_BYTES, vocab * 4), (rows, vocab, got)
