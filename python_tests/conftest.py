@@ -13,8 +13,24 @@ os.environ.setdefault("VREASON_POISON_OUTPUTS", "1")
 
 
 import importlib.util  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Each test seeds torch from its own node id, mixed with this base: the inputs are fresh
+# random draws for each test, but the same on every run, so a failure reproduces and CI
+# does not depend on luck. Our error rules compare max norms of two independently
+# rounded computations, whose ratio has a tail; sweep VK_TEST_SEED to study it.
+SEED_BASE = int(os.environ.get("VK_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    return f"vreason: VK_TEST_SEED={SEED_BASE} (each test seeds torch with crc32(node id) ^ this)"
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_node_id(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ SEED_BASE)
 
 
 def pytest_addoption(parser):

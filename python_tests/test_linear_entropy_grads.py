@@ -74,9 +74,14 @@ def test_expanded_inputs(backend):
     hidden = torch.randn(1, dim).expand(4, dim)
     weight = torch.randn(vocab, dim) / dim**0.5
     bias = torch.randn(()).expand(vocab)
-    check_against_reference(backend, hidden, weight, bias)
+    # The rows are one row repeated, so with a random g, dW = (sum_r g_r) G h sums terms
+    # of both signs that nearly cancel: over 300 draws the max-norm error ratio to plain
+    # PyTorch reached 4.9x (Triton) and 5.3x (the kernel before it) while its median was
+    # 0.75. g = 1 keeps the test on the strides; random gradients are tested above.
+    ones = torch.ones(4, dtype=torch.float64)
+    check_against_reference(backend, hidden, weight, bias, grad_entropy=ones)
     flat_weight = torch.randn(1, dim).expand(vocab, dim)
-    entropy = check_against_reference(backend, hidden, flat_weight, None)[0]
+    entropy = check_against_reference(backend, hidden, flat_weight, None, grad_entropy=ones)[0]
     assert torch.allclose(entropy, torch.full((4,), float(torch.log(torch.tensor(float(vocab))))), atol=1e-6)
 
 
