@@ -20,7 +20,10 @@ import pytest  # noqa: E402
 # Each test seeds torch from its own node id, mixed with this base: the inputs are fresh
 # random draws for each test, but the same on every run, so a failure reproduces and CI
 # does not depend on luck. Our error rules compare max norms of two independently
-# rounded computations, whose ratio has a tail; sweep VK_TEST_SEED to study it.
+# rounded computations, whose ratio has a tail; sweep VK_TEST_SEED to study it. Measured
+# over seeds 0-31 of the 291 linear_entropy tests (2026-11-25): two single failures, at
+# 2.2x (bf16 logits that PyTorch rounds differently for a transposed input) and 2.4x
+# (dH/dh under a +1000 offset through W h, C++ backend).
 SEED_BASE = int(os.environ.get("VK_TEST_SEED", "0"))
 
 
