@@ -223,8 +223,8 @@ def chunked_traffic(target: str, dtype=torch.bfloat16):
 
 
 def weight_grad_traffic(target: str, dtype=torch.bfloat16):
-    """dW per chunk of C rows: the logits GEMM, their statistics, G over them, ``dW += G^T h``
-    (dW read and written again by every chunk after the first)."""
+    """dW per chunk of C rows: the logits GEMM, G over them (from the forward's statistics),
+    ``dW += G^T h`` (dW read and written again by every chunk after the first)."""
     e = torch.finfo(dtype).bits // 8
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
@@ -236,7 +236,6 @@ def weight_grad_traffic(target: str, dtype=torch.bfloat16):
                 x = c * V * 4
                 launches += [
                     _gemm_launch(c, V, D, c * D * e, w, x, False, target),
-                    (x, 0.0),  # stats
                     (2 * x, 0.0),  # G over the logits
                     _gemm_launch(V, D, c, x, c * D * e, dw * (2 if i else 1), True, target),
                 ]
@@ -327,10 +326,9 @@ def _misses(target: str) -> list:
         "    takes 7B from 1.84x to about 1.33x; folding the statistics into the logits GEMM's",
         "    epilogue saves another 0.16 ms of 2.8 ms per chunk. Both are for a GPU to decide.",
         "- The weight gradient computes the logits once (it recomputed them per D tile: 8-33x",
-        "  at T=4096): 1.00-1.03x at T <= 16; 1.7-2.0x at T=4096, where dW (fp32, 2.2 GB at 7B)",
-        "  is read and written again by each of the 6 chunks, G^T h runs at tf32, and the row",
-        "  statistics are taken again from each chunk's logits (one more scratch read, for an",
-        "  exact c = T/S). A larger SCRATCH_BYTES trades memory for those passes.",
+        "  at T=4096): 1.00-1.02x at T <= 16; 1.6-1.8x at T=4096, where dW (fp32, 2.2 GB at 7B)",
+        "  is read and written again by each of the 6 chunks, and G^T h runs at tf32. A larger",
+        "  SCRATCH_BYTES trades memory for those passes.",
         "- The one-pass kernel with A/B still serves the vocabulary-parallel op's slices",
         "  (`vreason_kernels.distributed`), which fold each slice's A and B across ranks: at T > 1",
         "  it keeps its 8-9x. A statistics-first variant needs a second collective per call.",

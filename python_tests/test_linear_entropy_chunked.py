@@ -66,6 +66,19 @@ def test_any_chunking_matches_reference(monkeypatch, scratch_rows):
     _check(hidden, weight, bias, temperature=0.7)
 
 
+def test_weight_grad_of_a_vocabulary_slice_uses_the_row_statistics_given():
+    """A vocabulary-parallel rank holds some columns of W but needs G from whole rows: the
+    weight gradient must read the statistics it is given, not its slice's own."""
+    hidden, weight, bias = _inputs(11, 97, 31)
+    entropy, _, row_max, log_sum, _ = tk.forward(hidden, weight, bias, 0.9, False, False)
+    grad = torch.randn(11, device=DEVICE)
+    whole = tk.weight_grad(hidden, weight, bias, 0.9, row_max, log_sum, entropy, grad, True)
+    lo, hi = 30, 71
+    part = tk.weight_grad(hidden, weight[lo:hi], bias[lo:hi], 0.9, row_max, log_sum, entropy, grad, True)
+    for name, got, want in zip(("dW", "db"), part, whole):
+        torch.testing.assert_close(got, want[lo:hi], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_inputs(dtype):
     _check(*_inputs(13, 173, 29, dtype), temperature=1.3)

@@ -96,7 +96,8 @@ def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, t
     (a common offset of the logits) must cancel in ``G W``, and an error of one ulp(log S)
     in c comes back multiplied by that offset. The forward passes ``c = T/S`` from the same
     sums as H (``log S - H`` put its dH/dh at up to 4x plain PyTorch's error at an offset of
-    1000); the weight gradient takes its own T/S the same way.
+    1000); the weight gradient, which has no such cancellation, ``log S - H`` from the
+    statistics it is given (a vocabulary slice's must be those of the whole row).
 
     A row whose logits are all -inf has no distribution. Its weight-gradient rows add
     nothing; in the forward its G is NaN, so that dH/dh = G W is 0/0 like its entropy, as
@@ -204,25 +205,23 @@ def forward(hidden, weight, bias, temperature: float, return_logits: bool):
     return entropy, dh, row_max, log_sum, logits
 
 
-def weight_grad(hidden, weight, bias, temperature: float, grad_entropy, need_bias: bool):
-    """``triton_kernels.weight_grad``: per chunk the logits, their statistics, then ``dW += (g G)^T h``.
+def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
+    """``triton_kernels.weight_grad``: the logits once per chunk, then ``dW += (g G)^T h``.
 
-    The statistics are taken again from these logits (one more read of the scratch)
-    rather than from the forward's H and log S: ``c = log S - H`` carries ulp(log S) into
-    every G (7.8x plain PyTorch's dW error in one draw of test_expanded_inputs, V = 41); ``c = T/S`` here
-    comes from the same sums as the rest of G.
+    The row statistics are the caller's, not taken again from these logits: a slice of a
+    vocabulary-parallel head (``vreason_kernels.distributed``) holds only its own columns,
+    and its G needs the statistics of the whole row.
     """
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_weight = new_output((vocab, dim), **f32)
     grad_bias = new_output((vocab,) if need_bias else (0,), **f32)
-    entropy, row_max, log_sum, mean = torch.empty((4, rows), **f32)
     for start, end, scratch in _chunks(hidden, vocab):
         part = slice(start, end)
         _logits(hidden[part], weight, bias, scratch)
-        _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[part])
-        _logit_grad(scratch, temperature, row_max[part], log_sum[part], mean[part], weights=grad_entropy[part])
+        _logit_grad(scratch, temperature, row_max[part], log_sum[part], log_sum[part] - entropy[part],
+                    weights=grad_entropy[part])
         matmul(scratch.t(), hidden[part], grad_weight, precision=_precision(hidden.dtype), accumulate=start > 0)
         if need_bias:
             if start == 0:

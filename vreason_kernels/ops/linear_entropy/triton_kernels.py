@@ -425,9 +425,7 @@ def one_pass_forward(hidden, weight, bias, temperature: float, need_grad: bool, 
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
     """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau (f32 [V, D]), db_j = sum_r g_r dH_r/dz_rj / tau (f32 [V] | [0]).
 
-    The logits once, then one product with h (``triton_chunked``). The row statistics are
-    recomputed with the logits, so ``row_max``, ``log_sum`` and ``entropy`` (the backend
-    contract's, which the other backends use) are not read here.
+    The logits once, then one product with h (``triton_chunked``).
     """
     rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -436,4 +434,5 @@ def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entr
         return torch.zeros((vocab, dim), **f32), torch.zeros(vocab if need_bias else 0, **f32)
     from vreason_kernels.ops.linear_entropy import triton_chunked  # imports this module
 
-    return triton_chunked.weight_grad(hidden, weight, bias, temperature, grad_entropy, need_bias)
+    return triton_chunked.weight_grad(hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy,
+                                      need_bias)
