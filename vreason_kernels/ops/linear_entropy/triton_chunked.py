@@ -44,7 +44,7 @@ import triton.language as tl
 from vreason_kernels._alloc import new_output
 from vreason_kernels.backend import sm_count_or_none, triton_interpreted
 from vreason_kernels.ops.linear_entropy.triton_kernels import (
-    _NEG_INF, _merge_kernel, _online_softmax_tile, _precision, _split_plan,
+    _NEG_INF, _merge_blocks, _merge_kernel, _online_softmax_tile, _precision, _split_plan,
 )
 from vreason_kernels.ops.linear_entropy.triton_matmul import matmul
 
@@ -159,7 +159,7 @@ def _stats(scratch, temperature, entropy, row_max, log_sum, mean):
     stats = torch.empty((3, grid[1], rows), dtype=torch.float32, device=scratch.device)
     _logit_stats_kernel[grid](scratch, stats[0], stats[1], stats[2], rows, vocab, float(temperature), chunk,
                               num_warps=4, **blocks)
-    merge = dict(BLOCK_R=16, BLOCK_D=32)
+    merge = _merge_blocks()
     _merge_kernel[(triton.cdiv(rows, merge["BLOCK_R"]), 1)](
         stats[0], stats[1], stats[2], stats[0], stats[0], entropy, row_max, log_sum, mean, entropy,
         rows, 0, grid[1], float(temperature), NEED_GRAD=False, STORE_MEAN=True, **merge,
