@@ -202,8 +202,9 @@ def chunked_traffic(target: str, dtype=torch.bfloat16):
         D, V = spec["D"], spec["V"]
         w = V * D * e
         for rows in TOKENS:
+            sizes = _chunk_sizes(rows, V)
             launches = []
-            for c in _chunk_sizes(rows, V):
+            for c in sizes:
                 x = c * V * 4  # the fp32 scratch
                 launches += [
                     _gemm_launch(c, V, D, c * D * e, w, x, False, target),  # logits = h W^T
@@ -213,11 +214,11 @@ def chunked_traffic(target: str, dtype=torch.bfloat16):
                     _gemm_launch(c, D, V, x, w, c * D * 4, True, target, split_k=True),  # dH/dh = G W
                 ]
             io = rows * D * e + rows * V * e + rows * D * 4  # hidden, logits, dH/dh
-            chunks = len(_chunk_sizes(rows, V))
+            moved = sum(b for b, _ in launches)
             yield Traffic("linear_entropy fwd+dh (statistics first)", f"{model} T={rows}", w + io,
-                          sum(b for b, _ in launches), l2=sum(b for b, _ in launches), working_set=0,
+                          moved, l2=moved, working_set=0,
                           note=("only with VREASON_LINEAR_ENTROPY_DECODE_KERNEL=0: " if rows == 1 else "")
-                               + f"{chunks} chunk(s) of {_chunk_sizes(rows, V)[0]} rows, W read {2 * chunks}x, "
+                               + f"{len(sizes)} chunk(s) of {sizes[0]} rows, W read {2 * len(sizes)}x, "
                                f"scratch {5 * rows * V * 4 / w:.2f} B per W byte, G W at tf32",
                           flops=4 * rows * V * D, launches=tuple(launches))
 
@@ -231,18 +232,20 @@ def weight_grad_traffic(target: str, dtype=torch.bfloat16):
         w = V * D * e
         dw = V * D * 4
         for rows in TOKENS:
+            sizes = _chunk_sizes(rows, V)
             launches = []
-            for i, c in enumerate(_chunk_sizes(rows, V)):
+            for i, c in enumerate(sizes):
                 x = c * V * 4
                 launches += [
                     _gemm_launch(c, V, D, c * D * e, w, x, False, target),
                     (2 * x, 0.0),  # G over the logits
                     _gemm_launch(V, D, c, x, c * D * e, dw * (2 if i else 1), True, target),
                 ]
-            chunks = len(_chunk_sizes(rows, V))
+            moved = sum(b for b, _ in launches)
             yield Traffic("linear_entropy dW (statistics first)", f"{model} T={rows}", w + rows * D * e + dw,
-                          sum(b for b, _ in launches), l2=sum(b for b, _ in launches), working_set=0,
-                          note=f"{chunks} chunk(s), logits computed once, dW accumulated {chunks}x, G^T h at tf32",
+                          moved, l2=moved, working_set=0,
+                          note=f"{len(sizes)} chunk(s), logits computed once, dW accumulated {len(sizes)}x, "
+                               "G^T h at tf32",
                           flops=4 * rows * V * D, launches=tuple(launches))
 
 
