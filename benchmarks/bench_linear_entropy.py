@@ -2,49 +2,47 @@
 
 What is timed: ``entropy = linear_entropy(hidden, W); entropy.sum().backward()``, i.e.
 the entropy and dH/dhidden of a decode step (T=1), a short burst (T=16) and a
-prefill-sized block (T=4096), at the Qwen2.5-VL-3B and -7B lm-head shapes (DESIGN §6).
+prefill-sized block (T=4096), at the Qwen2.5-VL-3B and -7B lm-head shapes (docs/design.md §6).
 
 CPU: the C++ backend against the PyTorch reference (matmul -> log_softmax -> entropy ->
 autograd backward; ``naive.linear_entropy``) in the same run. Times are medians of
-``time.perf_counter`` repetitions. Each (case, backend) runs in its own subprocess so
-that peak memory is that process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` high-water
-mark minus its RSS just before the timed call (a small call first loads the libraries;
-inputs are built in their final dtype, in slices, so building them leaves no higher mark). This counts every allocation, torch's
-included, which tracemalloc would not see.
+``time.perf_counter`` repetitions (``harness.time_cpu``). Each (case, backend) runs in its
+own subprocess so that peak memory is that process's RSS high-water mark above its RSS just
+before the timed calls (``harness.PeakMemory``; a small call first loads the libraries;
+inputs are built in their final dtype, in slices, so building them leaves no higher mark).
+This counts every allocation, torch's included, which tracemalloc would not see.
 
 GPU (when CUDA is available): the Triton backend against the same reference and, when
 importable, Liger-Kernel's fused linear cross-entropy (the loss, and from 0.8.2 the
 scaled variant with an entropy output, whose entropy is what is differentiated) and
 ml-cross-entropy (``cut_cross_entropy.linear_cross_entropy``, the loss from its LSE): same
-cost class (one lm-head GEMM forward, one backward, no logits kept). Timed with ``triton.testing.do_bench``;
-time is also given as a multiple of the floor of one read of W at ``--bandwidth``
-(DESIGN §6: about 3.0 TB/s on an H100). Peak memory is ``torch.cuda.max_memory_allocated``
-above what was allocated before the call.
+cost class (one lm-head GEMM forward, one backward, no logits kept). Timed with
+``triton.testing.do_bench``; time is also given as a multiple of the floor of one read of W
+at ``--bandwidth`` (docs/design.md §6: about 3.0 TB/s on an H100). Peak memory is
+``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 
-Results go to ``benchmarks/results/linear_entropy_<device>_<dtype>.{csv,md}``.
+The record (benchmarks/harness.py) goes to ``--out``, by default
+``benchmarks/results/linear_entropy_<device>_<dtype>[_quick|_T...].json``.
 
-    python benchmarks/bench_linear_entropy.py                 # full run, fp32
+    python benchmarks/bench_linear_entropy.py                   # full run, fp32 (CPU) / bf16 (CUDA)
     python benchmarks/bench_linear_entropy.py --dtype bfloat16
-    python benchmarks/bench_linear_entropy.py --quick         # T=1, 16 at the 3B shape
+    python benchmarks/bench_linear_entropy.py --quick           # T=1, 16 at the 3B shape
 """
 
 import argparse
-import csv
-import datetime
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-SHAPES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # (D, V), DESIGN.md §6
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+SHAPES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # (D, V), docs/design.md §6
 TOKENS = (1, 16, 4096)
-RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = ("float32", "bfloat16", "float16")
 # CPU repetitions per T: T=4096 runs for tens of seconds per call on 2 cores.
 CPU_REPS = {1: 15, 16: 7, 4096: 1}
 # Reference peak at large T: logits plus about five more [T, V] fp32 tensors in forward
@@ -141,48 +139,34 @@ def cpu_case(shape, tokens, dtype_name, backend):
     step_fn(backend, *make_inputs(dim, 4099, min(tokens, 16), dtype, "cpu"))()
     hidden, weight = make_inputs(dim, vocab, tokens, dtype, "cpu")
     run = step_fn(backend, hidden, weight)
-    rss_before = reset_peak_rss()
-    times = []
+    memory = harness.PeakMemory("cpu").start()
     reps = CPU_REPS[tokens]
-    for i in range(reps + (1 if reps > 1 else 0)):  # one warm-up unless a single run is all we afford
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    times = times[1:] if reps > 1 else times
-    peak = peak_rss()
-    return {"ms": 1e3 * statistics.median(times), "reps": len(times), "peak_mb": max(0, peak - rss_before) / 2**20}
-
-
-def reset_peak_rss():
-    """Resets this process's RSS high-water mark (Linux) and returns the current RSS."""
-    import psutil
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss():
-    """RSS high-water mark in bytes: VmHWM, the value behind getrusage's ru_maxrss."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib * 1024
+    # One warm-up unless a single run is all we afford.
+    timing = harness.time_cpu(run, reps=reps, warmup=1 if reps > 1 else 0)
+    return {"ms": timing["ms"], "reps": timing["reps"], "peak_mb": harness.mib(memory.stop())}
 
 
 def run_cpu_case_subprocess(shape, tokens, dtype_name, backend):
-    cmd = [sys.executable, __file__, "--_case", json.dumps([shape, tokens, dtype_name, backend])]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps([shape, tokens, dtype_name, backend])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reference_fits(dim, vocab, tokens, dtype):
-    import psutil
+def available_memory():
+    """MemAvailable from /proc/meminfo in bytes (inf where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("inf")
 
+
+def reference_fits(dim, vocab, tokens, dtype):
     elem = torch.empty(0, dtype=dtype).element_size()
     need = REFERENCE_TV_COPIES * tokens * vocab * 4 + vocab * dim * elem
-    return need < 0.8 * psutil.virtual_memory().available, need
+    return need < 0.8 * available_memory(), need
 
 
 def bench_cpu(cases, dtype_name):
@@ -207,7 +191,7 @@ def bench_cpu(cases, dtype_name):
         if "cpp_ms" in row and "torch_ms" in row:
             row["speedup"] = row["torch_ms"] / row["cpp_ms"]
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(harness.format_row(row), flush=True)
     return rows
 
 
@@ -216,8 +200,6 @@ def bench_cpu(cases, dtype_name):
 
 def bench_gpu(cases, dtype_name, bandwidth):
     import importlib.util
-
-    from triton.testing import do_bench
 
     dtype = getattr(torch, dtype_name)
     peers = ["triton", "torch"]
@@ -245,13 +227,8 @@ def bench_gpu(cases, dtype_name, bandwidth):
             try:
                 run = step_fn(backend, hidden, weight)
                 run()  # compile / autotune outside the timing and the memory peak
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                run()
-                torch.cuda.synchronize()
-                row[f"{backend}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                row[f"{backend}_ms"] = do_bench(run)
+                row[f"{backend}_peak_mb"] = harness.mib(harness.peak_memory(run, "cuda"))
+                row[f"{backend}_ms"] = harness.time_cuda(run)["ms"]
                 row[f"{backend}_x_floor"] = row[f"{backend}_ms"] / floor_ms
             except torch.cuda.OutOfMemoryError:
                 row["note"] = (row.get("note", "") + f" {backend}: out of memory").strip()
@@ -263,96 +240,51 @@ def bench_gpu(cases, dtype_name, bandwidth):
         if "triton_ms" in row and "torch_ms" in row:
             row["speedup"] = row["torch_ms"] / row["triton_ms"]
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(harness.format_row(row), flush=True)
         del hidden, weight
         torch.cuda.empty_cache()
     return rows, notes
 
 
-# ------------------------------------------------------------------------ output
+# ------------------------------------------------------------------------ command line
 
 
-def format_row(row):
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-
-
-def environment(device):
-    import triton
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    env = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU: {cpu}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-    }
-    return env
-
-
-def write_results(rows, env, dtype_name, device, notes, tag):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"linear_entropy_{device}_{dtype_name}{tag}"
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    meta = [f"{k}: {v}" for k, v in env.items()] + [f"dtype: {dtype_name}"]
-    with open(f"{stem}.csv", "w", newline="") as f:
-        for line in meta:
-            f.write(f"# {line}\n")
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# linear_entropy forward + backward in hidden ({device}, {dtype_name})", ""]
-    lines += [f"- {line}" for line in meta + notes]
-    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {stem}.csv and {stem}.md")
-
-
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quick", action="store_true", help="T=1 and 16 at the 3B shape only")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    harness.add_common_args(parser, dtypes=DTYPES, default_dtype="float32 on cpu, bfloat16 on cuda",
+                            quick_help="T=1 and 16 at the 3B shape only")
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"subset of {TOKENS}")
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="GPU memory bandwidth for the floor, B/s")
     parser.add_argument("--_case", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args._case:  # subprocess worker of the CPU benchmark
         print(json.dumps(cpu_case(*json.loads(args._case))))
         return
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = harness.resolve_device(args.device)
+    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
     tokens = (1, 16) if args.quick else tuple(args.tokens or TOKENS)
     shapes = ("3B",) if args.quick else tuple(SHAPES)
     cases = [(shape, t) for shape in shapes for t in tokens]
+    run = harness.Run("linear_entropy", f"linear_entropy forward + backward in hidden ({device}, {dtype})",
+                      args, device, argv=None if argv is None else [__file__, *argv])
     if device == "cuda":
-        rows, notes = bench_gpu(cases, args.dtype, args.bandwidth)
-        notes.append(f"floor: one read of W at {args.bandwidth / 1e12:.2f} TB/s; times from triton.testing.do_bench")
+        run.rows, notes = bench_gpu(cases, dtype, args.bandwidth)
+        run.notes += notes
+        run.notes.append(f"floor: one read of W at {args.bandwidth / 1e12:.2f} TB/s; times from triton.testing.do_bench")
     else:
-        load_before = os.getloadavg()[0]
-        rows = bench_cpu(cases, args.dtype)
-        notes = [
+        run.rows = bench_cpu(cases, dtype)
+        run.notes += [
             "time: median of time.perf_counter repetitions (column reps; T=4096 runs once, no warm-up)",
-            "peak_mb: RSS high-water mark (VmHWM, reset after setup) minus RSS before the timed calls, one subprocess per backend",
-            f"1-minute load average before / after the run: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
-            "(includes the benchmark's own threads; above ~2.5 on 2 cores, other work shared them)",
+            "peak_mb: RSS high-water mark (VmHWM, reset after setup) minus RSS before the timed calls, "
+            "one subprocess per backend",
         ]
     tag = "_quick" if args.quick else "_T" + "-".join(map(str, tokens)) if args.tokens else ""
-    write_results(rows, environment(device), args.dtype, device, notes, tag)
+    run.write(args.out or harness.RESULTS / f"linear_entropy_{device}_{dtype}{tag}.json")
 
 
 if __name__ == "__main__":

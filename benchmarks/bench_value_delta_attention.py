@@ -1,33 +1,32 @@
-"""Benchmark ``value_delta_attention`` at the Qwen2.5-VL-7B last-layer head layout (DESIGN.md §6).
+"""Benchmark ``value_delta_attention`` at the Qwen2.5-VL-7B last-layer head layout (docs/design.md §6).
 
 Shapes: 28 q-heads / 4 kv-heads, head_dim 128, batch 1, the delta on a span of 90% of N
 (the video tokens, one contiguous run as in a real prompt).
 
-GPU (bf16, ``triton.testing.do_bench`` medians):
+GPU (bf16 by default, ``triton.testing.do_bench`` medians):
 - decode (T = 1) forward + backward for delta_v at N = 2k, 8k, 32k: the fused Triton op vs
   the unfused path (materialise v', SDPA with GQA, autograd) and vs plain SDPA forward.
   Time is also given as a multiple of the floor: reading K, V and delta_v once at 3.0 TB/s.
 - prefill forward at N = 8k (T = N, causal) vs SDPA; the floor there is compute:
   4 Hq N^2 D / 2 flops (causal) at 989 TFLOP/s dense bf16.
-- peak memory above the inputs, per call.
+- peak memory above the inputs, per call (``torch.cuda.max_memory_allocated``).
 
-CPU (fp32, ``perf_counter`` medians): the decode path of backend "cpp" vs "torch" (the
-reference backend) vs the unfused path, at N = 2k and 8k (32k is left out: the 2-core CI
-machine would take minutes per point). Rows for "cpp" are skipped while
+CPU (fp32 by default, ``perf_counter`` medians after one warm-up call): the decode path of
+backend "cpp" vs "torch" (the reference backend) vs the unfused path, at N = 2k and 8k
+(32k is left out: the 2-core CI machine would take minutes per point). Peak memory is the
+RSS high-water mark above the RSS before one extra call. Rows for "cpp" are skipped while
 ops/value_delta_attention/cpp.py is not there.
 
-Writes benchmarks/results/value_delta_attention_{cpu,cuda}.{csv,md} with device, versions
-and date. Run: ``python benchmarks/bench_value_delta_attention.py [--quick]``.
+The record (benchmarks/harness.py) goes to ``--out``, by default
+``benchmarks/results/value_delta_attention_<device>[_quick].json``.
+
+    python benchmarks/bench_value_delta_attention.py [--quick] [--device cpu] [--n 128 512]
 """
 
 import argparse
-import csv
-import datetime
 import importlib.util
-import pathlib
-import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +34,15 @@ import torch.nn.functional as F
 import vreason_kernels as vk
 from vreason_kernels.ops.value_delta_attention import naive
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 HQ, HKV, D = 28, 4, 128
 SPAN_FRACTION = 0.9
-HBM_BYTES_PER_S = 3.0e12  # H100, measured (DESIGN.md §6)
+HBM_BYTES_PER_S = 3.0e12  # H100, measured (docs/design.md §6)
 BF16_FLOPS = 989e12
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DTYPES = ("float32", "bfloat16", "float16")
+CPU_REPS = 15
 
 
 def _inputs(n: int, t: int, dtype, device):
@@ -70,33 +73,14 @@ def _fwd_bwd(attention):
     return run
 
 
-def _timer(device):
+def _timer(device, reps=CPU_REPS):
     if device.type == "cuda":
-        import triton
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
-
-    def cpu_median(fn, reps=15):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
+        return lambda fn: harness.time_cuda(fn)["ms"]
+    return lambda fn: harness.time_cpu(fn, reps=reps, warmup=1)["ms"]
 
 
 def _peak_mb(fn, device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return harness.mib(harness.peak_memory(fn, device.type))
 
 
 def _read_floor_ms(k, v, delta) -> float:
@@ -117,20 +101,20 @@ def _bench_case(rows, timer, device, regime, n, t, dtype, impls, floor_ms, peer)
     for row in rows[-len(impls):]:
         row["vs_" + peer] = row["time_ms"] / times[peer]
         row["x_floor"] = row["time_ms"] / row["floor_ms"] if floor_ms else float("nan")
-        print({key: (f"{val:.4g}" if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
+        print(harness.format_row(row), flush=True)
 
 
-def _gpu(rows, quick):
+def _gpu(rows, quick, dtype, sizes=None, reps=None):
     device = torch.device("cuda")
     timer = _timer(device)
     fused = lambda q, k, v, dv, s: vk.value_delta_attention(q, k, v, dv, s, backend="triton")  # noqa: E731
     sdpa = lambda q, k, v, dv, s: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-    for n in (2048, 8192) if quick else (2048, 8192, 32768):
+    for n in sizes or ((2048, 8192) if quick else (2048, 8192, 32768)):
         impls = {"triton fwd+bwd": _fwd_bwd(fused), "unfused fwd+bwd": _fwd_bwd(_unfused),
                  "triton fwd": fused, "unfused fwd": _unfused, "sdpa fwd (no delta)": sdpa}  # fmt: skip
         floor = lambda x: _read_floor_ms(x[1], x[2], x[3])  # noqa: E731
-        _bench_case(rows, timer, device, "decode", n, 1, torch.bfloat16, impls, floor, "unfused fwd+bwd")
-    n = 8192
+        _bench_case(rows, timer, device, "decode", n, 1, dtype, impls, floor, "unfused fwd+bwd")
+    n = max(sizes) if sizes else 8192
     with torch.no_grad():
         prefill = {
             "triton fwd": fused,
@@ -139,69 +123,53 @@ def _gpu(rows, quick):
             ),
         }
         floor = lambda x: 2 * HQ * n * n * D / BF16_FLOPS * 1e3  # noqa: E731  (4 Hq N^2 D / 2 flops)
-        _bench_case(rows, timer, device, "prefill", n, n, torch.bfloat16, prefill, floor, "sdpa fwd (no delta)")
+        _bench_case(rows, timer, device, "prefill", n, n, dtype, prefill, floor, "sdpa fwd (no delta)")
 
 
-def _cpu(rows, quick):
+def _cpu(rows, quick, dtype, sizes=None, reps=CPU_REPS):
     device = torch.device("cpu")
-    timer = _timer(device)
+    timer = _timer(device, reps)
     backends = ["torch"] + (["cpp"] if importlib.util.find_spec(f"{naive.__package__}.cpp") else [])
     if "cpp" not in backends:
         print("ops/value_delta_attention/cpp.py is missing: skipping the cpp rows")
-    for n in (2048,) if quick else (2048, 8192):
+    for n in sizes or ((2048,) if quick else (2048, 8192)):
         impls = {}
         for name in backends:
             op = lambda q, k, v, dv, s, name=name: vk.value_delta_attention(q, k, v, dv, s, backend=name)  # noqa: E731
             impls[f"{name} fwd+bwd"] = _fwd_bwd(op)
             impls[f"{name} fwd"] = op
         impls["unfused fwd+bwd"] = _fwd_bwd(_unfused)
-        _bench_case(rows, timer, device, "decode", n, 1, torch.float32, impls, None, "unfused fwd+bwd")
+        _bench_case(rows, timer, device, "decode", n, 1, dtype, impls, None, "unfused fwd+bwd")
 
 
-def _environment(device: str) -> dict:
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads())  # fmt: skip
-    if device == "cuda":
-        import triton
-
-        env.update(device=torch.cuda.get_device_name(), triton=triton.__version__)
-    else:
-        env.update(device=platform.processor() or platform.machine(), cores=len(__import__("os").sched_getaffinity(0)))
-    return env
-
-
-def _write(rows, device: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    env = _environment(device)
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    stem = RESULTS / f"value_delta_attention_{device}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        f.write("".join(f"# {key}: {val}\n" for key, val in env.items()))
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    fmt = lambda val: f"{val:.4g}" if isinstance(val, float) else str(val)  # noqa: E731
-    lines = [f"# value_delta_attention benchmark ({device})", ""]
-    lines += [f"- {key}: {val}" for key, val in env.items()]
-    lines += ["", "Qwen2.5-VL-7B last layer: 28 q / 4 kv heads, D = 128, B = 1, span = 90% of N.", ""]
-    lines += ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    lines += ["| " + " | ".join(fmt(row.get(key, "")) for key in fields) + " |" for row in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.csv and .md")
-
-
-def main() -> None:
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    harness.add_common_args(parser, dtypes=DTYPES, default_dtype="float32 on cpu, bfloat16 on cuda",
+                            quick_help="fewer sizes (a smoke run)")
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help="cache lengths N to run instead of the defaults (prefill: the largest)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--reps", type=int, default=CPU_REPS, help=f"CPU timed calls per point (default {CPU_REPS})")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    rows: list = []
-    (_gpu if device == "cuda" else _cpu)(rows, args.quick)
-    _write(rows, device)
+    device = harness.resolve_device(args.device)
+    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    run = harness.Run("value_delta_attention", f"value_delta_attention ({device}, {dtype})", args, device,
+                      argv=None if argv is None else [__file__, *argv])
+    (_gpu if device == "cuda" else _cpu)(run.rows, args.quick, getattr(torch, dtype), args.n, args.reps)
+    run.notes.append(f"Qwen2.5-VL-7B last layer: {HQ} q / {HKV} kv heads, D = {D}, B = 1, "
+                     f"span = {SPAN_FRACTION:.0%} of N")
+    run.notes.append("time_ms: " + ("triton.testing.do_bench" if device == "cuda" else
+                                    f"median of {args.reps} time.perf_counter calls after 1 warm-up")
+                     + "; vs_*: time over that peer's; x_floor: time over the floor (GPU)")
+    run.notes.append("peak_mem_mb: " + ("torch.cuda.max_memory_allocated above the inputs" if device == "cuda"
+                                        else "RSS high-water mark above the RSS before one extra call"))
+    run.write(args.out or harness.RESULTS / f"value_delta_attention_{device}{'_quick' if args.quick else ''}.json")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""How the entropy switch starts: ``VReasonConfig.ema_init`` "first" vs "zero" (issue 11 §4).
+"""How the entropy switch starts: ``VReasonConfig.ema_init`` "first" vs "zero" (docs/design.md §10.4).
 
 Every question of benchmarks/prompts/reasoning.jsonl and reasoning_extra.jsonl (108 in all,
 short numeric answers, checked as "the expected number is the last number of the answer")
@@ -8,31 +8,29 @@ output tokens, mean position (1-based token index) and height of the EMA's peak,
 of tokens decoded with α = +1, and exact McNemar tests (two-sided binomial on the
 discordant questions) against the base model and between the two starts at equal lr.
 
-    OMP_NUM_THREADS=1 python benchmarks/ema_init.py [--questions N] [--max-new-tokens N] [--batch N]
+    OMP_NUM_THREADS=1 python benchmarks/ema_init.py [--questions N] [--max-new-tokens N] [--batch N] [--quick]
 
 (one thread: on a shared 2-core machine two OpenMP threads fighting for a core made every
-forward 10-40x slower).
+forward 10-40x slower). ``--quick`` runs one learning rate (5e-2, the default) instead of
+the grid ``LRS``; a smoke run: ``--quick --questions 4 --max-new-tokens 8 --batch 4``.
 
-Results: benchmarks/results/ema_init.md.
+The record (benchmarks/harness.py) goes to ``--out``, by default
+``benchmarks/results/ema_init[_quick].json``; ``benchmarks/results/ema_init.md`` is the
+annotated table the default was chosen from.
 """
 
 import argparse
-import datetime
 import json
 import math
-import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
-import vreason_kernels as vk
-from vreason_kernels.models import load_causal_lm, shipped_smollm2_path
-
-from tune_defaults import last_number
-
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402
+from tune_defaults import last_number  # noqa: E402
+
 PROMPTS = ("reasoning.jsonl", "reasoning_extra.jsonl")
 LRS = (1e-2, 5e-2, 2e-1)
 INITS = ("first", "zero")
@@ -45,6 +43,8 @@ def load_questions(limit: int) -> list:
 
 def answer_batches(model, tok, questions, config, max_new_tokens, batch):
     """Per question: (correct, tokens, EMA peak position, EMA peak height, share of α=+1)."""
+    import vreason_kernels as vk
+
     rows = []
     for start in range(0, len(questions), batch):
         chunk = questions[start : start + batch]
@@ -87,21 +87,32 @@ def summary(rows):
                 explore=mean("explore"))
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_common_args(parser, dtypes=("float32",), quick_help="one learning rate (5e-2) instead of LRS")
     parser.add_argument("--questions", type=int, default=108)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=27)
-    parser.add_argument("--out", default=str(ROOT / "results" / "ema_init.md"))
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    import vreason_kernels as vk
+
+    args = build_parser().parse_args(argv)
+    device = harness.resolve_device(args.device)
+    harness.resolve_dtype(args, "float32")
     questions = load_questions(args.questions)
-    model, tok = load_causal_lm(shipped_smollm2_path())
+    model, tok = harness.load_smollm2()
+    model = model.to(device)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    run = harness.Run("ema_init", "How the switch starts: ema_init on SmolLM2-135M-Instruct", args, device,
+                      argv=None if argv is None else [__file__, *argv])
     # The base model traces its EMA as "first" did when the table was made (tokens do not depend on it).
     configs = {"base": vk.VReasonConfig(enabled=False, ema_init="first")}
-    for lr in LRS:
+    for lr in (5e-2,) if args.quick else LRS:
         for init in INITS:
             configs[f"{init}, lr={lr:g}"] = vk.VReasonConfig(lr=lr, ema_init=init)
     results, seconds = {}, {}
@@ -112,25 +123,9 @@ def main():
         print(name, summary(results[name]), f"{seconds[name]:.0f}s", flush=True)
 
     correct = {name: [r["correct"] for r in rows] for name, rows in results.items()}
-    lines = [
-        "# How the switch starts: ema_init on SmolLM2-135M-Instruct", "",
-        f"- date: {datetime.date.today()}, device: CPU ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, shared with other jobs), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-        f"- {len(questions)} questions ({' + '.join(PROMPTS)}), greedy, max_new_tokens={args.max_new_tokens}, "
-        f"left-padded batches of {args.batch}; V-Reason: Adam, steps=1, every=1, ema_beta=0.9, span = prompt",
-        "- command: `python benchmarks/ema_init.py "
-        f"--questions {args.questions} --max-new-tokens {args.max_new_tokens} --batch {args.batch}`",
-        "- peak position: 1-based index of the new token where the EMA is highest; explore: share of tokens "
-        "with α = +1; p: exact McNemar (two-sided) on accuracy, with the discordant counts (this-only / other-only)",
-        "",
-        "| config | accuracy | mean tokens | EMA peak position | EMA peak height | explore | p vs base | "
-        "p vs other init (same lr) | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     for name, rows in results.items():
         s = summary(rows)
-        vs_base = vs_init = "-"
+        vs_base = vs_init = None
         if name != "base":
             p, a, b = mcnemar_exact(correct[name], correct["base"])
             vs_base = f"{p:.2f} ({a}/{b})"
@@ -138,13 +133,21 @@ def main():
             other = f"{INITS[1 - INITS.index(init)]}, {lr}"
             p, a, b = mcnemar_exact(correct[name], correct[other])
             vs_init = f"{p:.2f} ({a}/{b})"
-        lines.append(
-            f"| {name} | {s['acc']:.3f} ({sum(correct[name])}/{len(rows)}) | {s['tokens']:.1f} | "
-            f"{s['peak_pos']:.1f} | {s['peak']:.3f} | {s['explore']:.2f} | {vs_base} | {vs_init} | "
-            f"{seconds[name]:.0f} |"
-        )
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        run.rows.append({
+            "config": name, "accuracy": f"{s['acc']:.3f} ({sum(correct[name])}/{len(rows)})",
+            "mean_tokens": s["tokens"], "ema_peak_position": s["peak_pos"], "ema_peak_height": s["peak"],
+            "explore": s["explore"], "p_vs_base": vs_base, "p_vs_other_init": vs_init, "wall_s": seconds[name],
+        })
+    run.notes += [
+        f"{len(questions)} questions ({' + '.join(PROMPTS)}), greedy, max_new_tokens={args.max_new_tokens}, "
+        f"left-padded batches of {args.batch}; V-Reason: Adam, steps=1, every=1, ema_beta=0.9, span = prompt",
+        "base: plain decoding (enabled=False); its EMA columns are traced with ema_init='first' "
+        "(its tokens do not depend on it)",
+        "ema_peak_position: 1-based index of the new token where the EMA is highest; explore: share of tokens "
+        "with alpha = +1; p: exact McNemar (two-sided) on accuracy, with the discordant counts "
+        "(this-only / other-only)",
+    ]
+    run.write(args.out or harness.RESULTS / f"ema_init{'_quick' if args.quick else ''}.json")
 
 
 if __name__ == "__main__":

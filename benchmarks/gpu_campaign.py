@@ -1,4 +1,4 @@
-"""The GPU campaign in one call (issue 10): build, test, sanitize and benchmark on a CUDA machine.
+"""The GPU campaign in one call (docs/design.md §9.3-§9.4): build, test, sanitize and benchmark on a CUDA machine.
 
     python benchmarks/gpu_campaign.py OUT [--wheels .whl] [--only STEP,...] [--skip STEP,...]
                                           [--keep-going] [--dry-run]
@@ -7,8 +7,12 @@ Runs the steps below in order from the repository root, each a subprocess whose 
 to ``OUT/steps/NN-name.log``. It stops at the first step that fails (exit status 1) unless
 ``--keep-going``; whatever earlier steps wrote stays. After every step ``OUT/summary.md``
 (step, status, seconds) and ``OUT/campaign.tar.gz`` (all logs and result files so far) are
-rewritten, so an outer time limit still leaves the finished steps' results behind. Result
-files the benchmarks write to ``benchmarks/results/`` are copied to ``OUT/results/``.
+rewritten, so an outer time limit still leaves the finished steps' results behind. The
+benchmarks follow the harness's command line (benchmarks/harness.py: ``--device cuda
+--dtype ... --out OUT/results/NAME.json``), so their JSON records (device, versions, date,
+git commit, exact command) land in ``OUT/results/``; the last step renders them to
+``OUT/results/SUMMARY.md`` with benchmarks/summarize.py. Any other file a step writes to
+``benchmarks/results/`` is copied there as well.
 
 Peer packages (liger-kernel, cut-cross-entropy) are not on the GPU image: carry their wheels
 (benchmarks/GPU_CAMPAIGN.md) and name the folder with ``--wheels``; the ``peers`` step
@@ -74,14 +78,20 @@ def steps(wheels) -> list:
         Step("sanitize", "compute-sanitizer memcheck and racecheck on one call of each op's kernels",
              tuple(sanitize), 150, ("benchmarks/gpu_sanitize_ops.py",)),
         Step("bench-linear-entropy", "linear_entropy fwd+bwd(hidden), bf16, T=1/16/4096, vs torch, Liger, CCE, floor", (
-            [PY, "benchmarks/bench_linear_entropy.py", "--device", "cuda", "--dtype", "bfloat16"],
-        ), 180, ("benchmarks/bench_linear_entropy.py",)),
+            [PY, "benchmarks/bench_linear_entropy.py", "--device", "cuda", "--dtype", "bfloat16",
+             "--out", "{out}/results/linear_entropy_cuda_bfloat16.json"],
+        ), 180, ("benchmarks/bench_linear_entropy.py", "benchmarks/harness.py")),
         Step("bench-attention", "value_delta_attention decode fwd+bwd and prefill vs SDPA paths, floor", (
-            [PY, "benchmarks/bench_value_delta_attention.py", "--device", "cuda"],
-        ), 120, ("benchmarks/bench_value_delta_attention.py",)),
+            [PY, "benchmarks/bench_value_delta_attention.py", "--device", "cuda", "--dtype", "bfloat16",
+             "--out", "{out}/results/value_delta_attention_cuda_bfloat16.json"],
+        ), 120, ("benchmarks/bench_value_delta_attention.py", "benchmarks/harness.py")),
         Step("bench-generate", "per-token latency and memory: plain vs vk.generate vs reference, 7B-shaped", (
-            [PY, "benchmarks/bench_generate.py", "--gpu", "--span", "4096"],
-        ), 180, ("benchmarks/bench_generate.py",)),
+            [PY, "benchmarks/bench_generate.py", "--device", "cuda", "--dtype", "bfloat16", "--span", "4096",
+             "--out", "{out}/results/generate_cuda_bfloat16.json"],
+        ), 180, ("benchmarks/bench_generate.py", "benchmarks/harness.py")),
+        Step("summary", "markdown tables of every benchmark record in OUT/results", (
+            [PY, "benchmarks/summarize.py", "{out}/results", "--out", "{out}/results/SUMMARY.md"],
+        ), 30, ("benchmarks/summarize.py",)),
     ]
 
 

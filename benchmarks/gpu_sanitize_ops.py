@@ -1,12 +1,13 @@
 """One call of each op's every Triton kernel on CUDA, small and odd-sized, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python benchmarks/gpu_sanitize_ops.py
+    compute-sanitizer --tool memcheck python benchmarks/gpu_sanitize_ops.py [--dtype bfloat16]
 
 linear_entropy: T=1 (decode kernel + merge), T=19 (partials + merge), and the weight
 gradient; value_delta_attention: decode (split forward, merge, fused dQ backward) and
 prefill with a mask (forward, dV and dQ kernels); prune_kv. Outputs are checked finite.
 """
 
+import argparse
 import pathlib
 import sys
 
@@ -41,14 +42,17 @@ def attention_calls(dtype):
         out = vk.value_delta_attention(query, key, value, delta, span, attention_mask=mask, backend="triton")
         out.float().square().sum().backward()
         yield f"value_delta_attention T={t}", (out, query.grad, delta.grad)
-    kept = vk.prune_kv(key, value, span, 0.5)
+    kept = vk.prune_kv(key, value, span, keep_ratio=0.5)
     yield "prune_kv", kept[:2]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     for calls in (linear_entropy_calls, attention_calls):
-        for name, outputs in calls(torch.bfloat16):
+        for name, outputs in calls(getattr(torch, args.dtype)):
             torch.cuda.synchronize()
             bad = [i for i, x in enumerate(outputs) if not torch.isfinite(x.float()).all()]
             print(f"{name}: {'non-finite output ' + str(bad) if bad else 'ok'}")

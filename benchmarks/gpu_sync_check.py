@@ -5,7 +5,9 @@ designed ones: the periodic EOS check (one sync every ``EOS_CHECK_INTERVAL`` tok
 the set-up before and the output after the loop. Model: the random-weight tiny Llama of
 the tests (python_tests/tiny_models.py), controller on, an update at every token.
 
-    python benchmarks/gpu_sync_check.py [--tokens 40]
+    python benchmarks/gpu_sync_check.py [--tokens 40] [--out FILE.json]
+
+With ``--out`` it also writes a benchmark record (benchmarks/harness.py) of the check.
 """
 
 import argparse
@@ -16,9 +18,26 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
 import vreason_kernels as vk  # noqa: E402
 from python_tests.tiny_models import tiny_llama  # noqa: E402
-from vreason_kernels.engine import decode  # noqa: E402
+
+
+def recorder_class():
+    """The engine's per-run ``Recorder`` (prefill mark, periodic EOS check, output), wherever
+    in ``vreason_kernels.engine`` it is defined."""
+    import importlib
+    import pkgutil
+
+    import vreason_kernels.engine as engine
+
+    for info in pkgutil.iter_modules(engine.__path__):
+        module = importlib.import_module(f"{engine.__name__}.{info.name}")
+        cls = getattr(module, "Recorder", None)
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            return cls
+    raise ImportError("no Recorder class in vreason_kernels.engine")
 
 
 @contextlib.contextmanager
@@ -55,22 +74,31 @@ def strict_decode_loop(recorder_cls):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write a JSON record here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
+    run = harness.Run("gpu_sync_check", "host syncs in the V-Reason decode loop (CUDA)", args, "cuda",
+                      argv=None if argv is None else [__file__, *argv])
+    recorder = recorder_class()
     model = tiny_llama().cuda()
     ids = torch.randint(0, model.config.vocab_size, (1, 37), device="cuda")
     config = vk.VReasonConfig(every=1)
     vk.generate(model, ids, config=config, max_new_tokens=4)  # warm-up: compiles and autotunes
-    original = strict_decode_loop(decode.Recorder)
+    original = strict_decode_loop(recorder)
     try:
         out = vk.generate(model, ids, config=config, max_new_tokens=args.tokens)
     finally:
-        decode.Recorder.mark_prefill_done, decode.Recorder.all_finished, decode.Recorder.output = original
+        recorder.mark_prefill_done, recorder.all_finished, recorder.output = original
         torch.cuda.set_sync_debug_mode("default")
-    print(f"ok: {out.sequences.shape[1] - ids.shape[1]} tokens, {out.stats['updates']} updates, "
+    tokens = out.sequences.shape[1] - ids.shape[1]
+    print(f"ok: {tokens} tokens, {out.stats['updates']} updates, "
           "no host sync in the decode loop besides the EOS checks")
+    if args.out:
+        run.rows.append({"check": "sync_debug_mode error", "result": "ok", "tokens": tokens,
+                         "updates": out.stats["updates"]})
+        run.write(args.out)
     return 0
 
 

@@ -3,29 +3,32 @@
 For each config of a small grid (lr x steps x every x ema_beta) and for plain decoding,
 every question of benchmarks/prompts/reasoning.jsonl is answered greedily; we report mean
 output tokens, mean EMA-entropy peak, accuracy (the expected number appears as the last
-number of the answer) and time per token. Results: benchmarks/results/tune_defaults.md.
+number of the answer) and time per token.
 
     python benchmarks/tune_defaults.py [--questions N] [--max-new-tokens N] [--quick]
 
-Budget: ~2 s/question/config at 64 tokens on 2 free cores; --quick runs the 7-config grid QUICK.
+Without ``--quick`` the grid is the product ``GRID``; ``--quick`` runs the 7-config grid
+``QUICK`` (the one behind benchmarks/results/tune_defaults.md). A smoke run:
+``--quick --questions 2 --max-new-tokens 8``. Budget: ~2 s/question/config at 64 tokens on
+2 free cores.
+
+The record (benchmarks/harness.py) goes to ``--out``, by default
+``benchmarks/results/tune_defaults[_quick].json``; ``benchmarks/results/tune_defaults.md``
+is the annotated table the defaults were chosen from (docs/design.md §1).
 """
 
 import argparse
-import datetime
 import itertools
 import json
-import platform
 import re
+import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
-import vreason_kernels as vk
-from vreason_kernels.models import load_causal_lm, shipped_smollm2_path
-
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402
+
 GRID = dict(lr=(1e-3, 1e-2, 5e-2), steps=(1, 2), every=(1, 4), ema_beta=(0.9,))
 # The grid actually run for the README (~20 min on 2 free cores at 128 tokens): lr over two
 # decades at the cheapest schedule, then steps/every and the EMA's beta around lr=1e-2.
@@ -42,6 +45,8 @@ def last_number(text: str):
 
 
 def run(model, tok, questions, config, max_new_tokens):
+    import vreason_kernels as vk
+
     tokens, peaks, correct, tpt = [], [], 0, []
     for item in questions:
         ids = tok.apply_chat_template([{"role": "user", "content": item["question"]}], add_generation_prompt=True,
@@ -56,38 +61,43 @@ def run(model, tok, questions, config, max_new_tokens):
     return dict(tokens=sum(tokens) / n, peak=sum(peaks) / n, acc=correct / n, ms=1e3 * sorted(tpt)[n // 2])
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_common_args(parser, dtypes=("float32",), quick_help="the 7-config grid QUICK instead of GRID")
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "results" / "tune_defaults.md"))
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    import vreason_kernels as vk
+
+    args = build_parser().parse_args(argv)
+    device = harness.resolve_device(args.device)
+    harness.resolve_dtype(args, "float32")
     questions = [json.loads(line) for line in open(ROOT / "prompts" / "reasoning.jsonl")][: args.questions]
-    model, tok = load_causal_lm(shipped_smollm2_path())
+    model, tok = harness.load_smollm2()
+    model = model.to(device)
     grid = QUICK if args.quick else [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
-    rows = [("base", run(model, tok, questions, None, args.max_new_tokens))]
+    run_ = harness.Run("tune_defaults", "V-Reason defaults on SmolLM2-135M-Instruct", args, device,
+                       argv=None if argv is None else [__file__, *argv])
+    rows = [("base", run(model, tok, questions, vk.VReasonConfig(enabled=False), args.max_new_tokens))]
     print(rows[-1], flush=True)
     for params in grid:
         start = time.perf_counter()
         rows.append((params, run(model, tok, questions, vk.VReasonConfig(**params), args.max_new_tokens)))
         print(params, rows[-1][1], f"{time.perf_counter() - start:.0f}s", flush=True)
     base = rows[0][1]
-    lines = [
-        "# V-Reason defaults on SmolLM2-135M-Instruct", "",
-        f"- date: {datetime.date.today()}, device: CPU ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, shared), torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- {len(questions)} questions from benchmarks/prompts/reasoning.jsonl, greedy, max_new_tokens={args.max_new_tokens}",
-        "- accuracy: the expected number is the last number in the answer; ms/token: median per question", "",
-        "| config | mean tokens | mean EMA peak | accuracy | ms/token | overhead |",
-        "|---|---|---|---|---|---|",
-    ]
     for params, r in rows:
         name = params if isinstance(params, str) else ", ".join(f"{k}={v}" for k, v in params.items())
-        lines.append(f"| {name} | {r['tokens']:.1f} | {r['peak']:.3f} | {r['acc']:.2f} | {r['ms']:.1f} | "
-                     f"{r['ms'] / base['ms']:.2f}x |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        run_.rows.append({"config": name, "mean_tokens": r["tokens"], "mean_ema_peak": r["peak"],
+                          "accuracy": r["acc"], "ms_per_token": r["ms"], "overhead": r["ms"] / base["ms"]})
+    run_.notes += [
+        f"{len(questions)} questions from benchmarks/prompts/reasoning.jsonl, greedy, "
+        f"max_new_tokens={args.max_new_tokens}",
+        "accuracy: the expected number is the last number in the answer; ms_per_token: median per question",
+    ]
+    run_.write(args.out or harness.RESULTS / f"tune_defaults{'_quick' if args.quick else ''}.json")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """benchmarks/gpu_campaign.py on CPU: its arguments, its step list, and its stop-at-the-first-failure runner.
 
-The GPU steps themselves run only on a CUDA machine (issue 10); here every script and test
-option a step names must exist, and the runner must keep what earlier steps wrote.
+The GPU steps themselves run only on a CUDA machine (docs/design.md §9.4); here every script
+and test option a step names must exist, every benchmark must accept the flags a step passes
+(the harness's command line, benchmarks/harness.py), and the runner must keep what earlier
+steps wrote.
 """
 
 import importlib.util
@@ -22,7 +24,7 @@ def _load():
 
 campaign = _load()
 NAMES = ["env", "peers", "build", "tests", "sync", "sanitize", "bench-linear-entropy", "bench-attention",
-         "bench-generate"]
+         "bench-generate", "summary"]
 
 
 def test_dry_run_lists_every_step_in_order(capsys, tmp_path):
@@ -47,15 +49,30 @@ def test_test_options_the_tests_step_passes_are_registered(pytestconfig):
         pytestconfig.getoption(option)  # raises ValueError when conftest does not register it
 
 
-def test_benchmark_flags_are_accepted():
-    """Every flag a bench step passes is one its script's argparse defines."""
+def _benchmark_module(script: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(pathlib.Path(script).stem)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_benchmark_steps_follow_the_harness_command_line(tmp_path):
+    """Every bench step's arguments parse with its script's own parser (the harness's
+    ``--device``/``--dtype``/``--out`` plus the script's options), run on CUDA, and write
+    their record into the campaign folder."""
+    benches = 0
     for step in campaign.steps(wheels=None):
         for argv in step.commands:
-            scripts = [arg for arg in argv if arg.startswith("benchmarks/bench_")]
-            if scripts:
-                source = (ROOT / scripts[0]).read_text()
-                for flag in (arg for arg in argv if arg.startswith("--")):
-                    assert f'"{flag}"' in source, f"{scripts[0]} has no {flag}"
+            argv = [a.format(out=tmp_path, site=tmp_path / "site") for a in argv]
+            scripts = [i for i, arg in enumerate(argv) if arg.startswith("benchmarks/bench_")]
+            if not scripts:
+                continue
+            benches += 1
+            args = _benchmark_module(argv[scripts[0]]).build_parser().parse_args(argv[scripts[0] + 1:])
+            assert args.device == "cuda", f"step {step.name} does not ask for CUDA"
+            assert args.out is not None and args.out.parent == tmp_path / "results", step.name
+    assert benches == 3
 
 
 @pytest.mark.parametrize(
@@ -114,14 +131,10 @@ def test_a_step_past_its_limit_fails(tmp_path):
 
 
 def test_linear_entropy_benchmark_has_every_peer():
-    """The GPU benchmark's peers (issue 9: Liger with its entropy output, CCE, the unfused
-    reference) each have a step; here, without their packages, a peer fails on its import,
-    never as an unknown backend."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_linear_entropy as bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    """The GPU benchmark's peers (docs/design.md §9.3: Liger with its entropy output, CCE, the
+    unfused reference) each have a step; here, without their packages, a peer fails on its
+    import, never as an unknown backend."""
+    bench = _benchmark_module("benchmarks/bench_linear_entropy.py")
     import torch
 
     hidden, weight = torch.zeros(1, 8, requires_grad=True), torch.zeros(16, 8)
