@@ -27,12 +27,17 @@ def _provenance(record: dict) -> list:
     else:
         where = f"CPU {device.get('name')}, {device.get('cores')} cores, {device.get('torch_threads')} torch threads"
     soft = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-    commit = (git.get("commit") or "unknown")[:12] + (" (dirty tree)" if git.get("dirty") else "")
+    if git.get("commit"):
+        commit = "commit " + git["commit"][:12] + (" (dirty tree)" if git.get("dirty") else "")
+    else:
+        commit = "commit not recorded" + (f" (file committed in {git['converted_from_commit'][:12]})"
+                                          if git.get("converted_from_commit") else "")
+    elapsed = f"; {record['elapsed_s']:.0f} s" if record.get("elapsed_s") is not None else ""
     load = record.get("load_average") or {}
     lines = [
         f"- device: {where}",
         f"- versions: {soft}",
-        f"- date: {record['date']}; commit {commit}; {record['elapsed_s']:.0f} s",
+        f"- date: {record['date']}; {commit}{elapsed}",
         f"- command: `{record['command']}`",
     ]
     if record["environment"]:
