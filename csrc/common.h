@@ -1,39 +1,125 @@
-// Helpers shared by the C++ kernels.
+// What the kernels take from libtorch, all through its stable ABI (torch/csrc/stable,
+// torch/headeronly and the C shims under them), so that one build loads into every
+// torch from TORCH_TARGET_VERSION (2.10) on: tensor creation, dtype dispatch, argument
+// checks and the few ATen calls the kernels make.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-
-// The build passes no -march flag, so hot loops are compiled for several ISAs and the
-// loader picks the best one the CPU supports (GCC function multiversioning).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VREASON_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VREASON_SIMD_CLONES
-#endif
+#include <sstream>
+#include <string>
 
 // The dtypes the fused CPU kernels take (float64 goes to the torch backend).
-#define VREASON_FLOAT_CASES(...)              \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
+#define VREASON_FLOAT_CASES(...)                                           \
+  THO_DISPATCH_CASE(torch::headeronly::ScalarType::Float, __VA_ARGS__)    \
+  THO_DISPATCH_CASE(torch::headeronly::ScalarType::Half, __VA_ARGS__)     \
+  THO_DISPATCH_CASE(torch::headeronly::ScalarType::BFloat16, __VA_ARGS__)
 
 namespace vreason {
 
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using Shape = torch::headeronly::IntHeaderOnlyArrayRef;
+
+inline bool is_float_kernel_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+// ATen's floating types (what Tensor::is_floating_point() accepted), float8 included.
+inline bool is_floating(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half:
+    case ScalarType::Float:
+    case ScalarType::Double:
+    case ScalarType::BFloat16:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fnuz:
+    case ScalarType::Float8_e8m0fnu:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Argument checks print shapes as ATen did ("[2, 3]"); the stable array ref has no operator<<.
+inline std::string shape_str(Shape s) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < s.size(); ++i) out << (i ? ", " : "") << s[i];
+  out << ']';
+  return out.str();
+}
+
+// "cpu", "cuda:0", "meta", ...: the device names of ATen's messages for the devices a
+// caller can hand us; other types print as their number.
+inline std::string device_str(const Tensor& t) {
+  using torch::headeronly::DeviceType;
+  const torch::stable::Device device = t.device();
+  std::ostringstream out;
+  switch (device.type()) {
+    case DeviceType::CPU: return "cpu";
+    case DeviceType::CUDA: out << "cuda"; break;
+    case DeviceType::Meta: return "meta";
+    case DeviceType::MPS: out << "mps"; break;
+    case DeviceType::XPU: out << "xpu"; break;
+    default: out << "device type " << static_cast<int>(device.type()); break;
+  }
+  if (device.index() >= 0) out << ':' << static_cast<int>(device.index());
+  return out.str();
+}
+
+inline Tensor empty_cpu(Shape shape, ScalarType dtype) {
+  return torch::stable::empty(shape, dtype, std::nullopt, torch::stable::Device(torch::headeronly::DeviceType::CPU));
+}
+
 // With VREASON_POISON_OUTPUTS=1 (the test suite sets it) outputs start as NaN, so an
 // element a kernel forgets to write fails the tests instead of passing on stale memory.
-inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+// Every output is floating (float32 or the inputs' dtype).
+inline Tensor new_output(Shape shape, ScalarType dtype) {
   static const bool poison = [] {
     const char* v = std::getenv("VREASON_POISON_OUTPUTS");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  at::Tensor out = at::empty(shape, options);
-  if (poison && out.is_floating_point()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  Tensor out = empty_cpu(shape, dtype);
+  if (poison) torch::stable::fill_(out, std::numeric_limits<double>::quiet_NaN());
   return out;
+}
+
+// x as float32 with unit strides: x itself when it already is.
+inline Tensor contiguous_float(const Tensor& x) {
+  return torch::stable::contiguous(torch::stable::to(x, ScalarType::Float));
+}
+
+// A float32 matrix view of memory the caller owns; col_stride != 1 gives a transposed view.
+inline Tensor float_matrix(const float* ptr, int64_t rows, int64_t cols, int64_t row_stride,
+                           int64_t col_stride = 1) {
+  return torch::stable::from_blob(const_cast<float*>(ptr), {rows, cols}, {row_stride, col_stride},
+                                  torch::stable::Device(torch::headeronly::DeviceType::CPU), ScalarType::Float);
+}
+
+// out = a @ b and out += a @ b with ATen's CPU GEMM, through the AOTInductor C shim: the
+// stable ops offer only an allocating matmul, and a product added afterwards would round
+// differently from the GEMM's own accumulation into out.
+inline void mm_into(const Tensor& out, const Tensor& a, const Tensor& b) {
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
+}
+
+inline void addmm_into(const Tensor& out, const Tensor& a, const Tensor& b) {
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), out.get(), a.get(), b.get(), 1.0, 1.0));
 }
 
 }  // namespace vreason

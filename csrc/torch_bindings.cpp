@@ -1,11 +1,11 @@
 // One registry for every op the extension provides (namespace `vreason_C`).
-// Schemas live here; each backend file adds its kernels with TORCH_LIBRARY_IMPL.
+// Schemas live here; each backend file adds its kernels with STABLE_TORCH_LIBRARY_IMPL.
 // The Python layer (vreason_kernels/ops/*/op.py) wraps these in the public
 // `torch.library` custom ops with autograd, so nothing here handles gradients.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(vreason_C, m) {
+STABLE_TORCH_LIBRARY(vreason_C, m) {
   // Fused linear entropy over rows of `hidden [R, D]` against `weight [V, D]`.
   // Returns (entropy f32 [R], dH/dhidden f32 [R, D] (empty unless need_grad),
   //          row_max f32 [R], log_sum f32 [R], logits [R, V] in hidden's dtype (empty
@@ -35,6 +35,7 @@ TORCH_LIBRARY(vreason_C, m) {
 }
 
 // Importing `vreason_kernels._C` runs the static registrations above; the module
-// itself exposes nothing to Python.
+// itself exposes nothing to Python. Built against the limited API (Py_LIMITED_API),
+// so one binary serves every CPython from 3.10 on.
 static struct PyModuleDef vreason_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&vreason_module); }

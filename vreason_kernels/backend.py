@@ -14,6 +14,7 @@ import os
 import torch
 
 from vreason_kernels._extension import EXTENSION_ERROR, HAS_EXTENSION
+from vreason_kernels._extension import STATUS as EXTENSION_STATUS  # noqa: F401  (loaded: bool, reason: str)
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 

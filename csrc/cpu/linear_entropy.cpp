@@ -21,7 +21,7 @@
 //   * Few rows (decode): a tile is kSubRows rows of W (L2-resident); logits come
 //     from hand-vectorised dot products and A/B from vectorised row updates, so W
 //     streams from memory exactly once.
-//   * Many rows: a tile is a whole chunk and both products are GEMMs (at::mm),
+//   * Many rows: a tile is a whole chunk and both products are ATen's GEMMs,
 //     run single-threaded inside the chunk task, with rows in groups of kGemmRows
 //     to bound the partials' memory.
 // The weight gradient is a second pass: dW_j = sum_r g_r dH_r/dz_rj h_r / tau with
@@ -33,13 +33,6 @@
 //
 // Masked vocabulary (z_j = -inf) gets e_j = 0 and contributes exactly 0: products
 // e_j * d_j are formed only for e_j > 0, so 0 * inf never occurs.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -53,7 +46,6 @@
 namespace vreason {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 2048;      // W rows per parallel task and per merged partial
 constexpr int64_t kSubRows = 4;       // W rows per tile of the direct path (4 x D fp32 ~ L1)
 constexpr int64_t kBlockRows = 64;    // W rows per block state of the direct path (two-level sums)
@@ -139,10 +131,10 @@ VREASON_SIMD_CLONES void widen_fp16(const uint16_t* __restrict src, float* __res
 
 template <typename scalar_t>
 void widen(const scalar_t* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+  if constexpr (std::is_same_v<scalar_t, torch::headeronly::BFloat16>) {
     widen_bf16(reinterpret_cast<const uint16_t*>(src), dst, n);
   } else {
-    static_assert(std::is_same_v<scalar_t, c10::Half>);
+    static_assert(std::is_same_v<scalar_t, torch::headeronly::Half>);
     widen_fp16(reinterpret_cast<const uint16_t*>(src), dst, n);
   }
 }
@@ -264,7 +256,7 @@ struct Problem {
 // tile [group, tile]. The direct path works on raw pointers from here on: building
 // tensors per 16-row tile would cost as much as the arithmetic.
 struct TileScratch {
-  at::Tensor wbuf_, z_;
+  Tensor wbuf_, z_;
   float* wbuf = nullptr;
   float* z = nullptr;
   int64_t tile = 0;
@@ -272,14 +264,13 @@ struct TileScratch {
 
 template <typename scalar_t>
 TileScratch make_scratch(const Problem<scalar_t>& p, int64_t group, int64_t tile) {
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
   TileScratch sc;
   if (!std::is_same_v<scalar_t, float>) {
-    sc.wbuf_ = at::empty({tile, p.dim}, opts);
-    sc.wbuf = sc.wbuf_.data_ptr<float>();
+    sc.wbuf_ = empty_cpu({tile, p.dim}, ScalarType::Float);
+    sc.wbuf = sc.wbuf_.mutable_data_ptr<float>();
   }
-  sc.z_ = at::empty({group, tile}, opts);
-  sc.z = sc.z_.data_ptr<float>();
+  sc.z_ = empty_cpu({group, tile}, ScalarType::Float);
+  sc.z = sc.z_.mutable_data_ptr<float>();
   sc.tile = tile;
   return sc;
 }
@@ -301,10 +292,6 @@ WeightTile weight_tile(const Problem<scalar_t>& p, const TileScratch& sc, int64_
   }
 }
 
-at::Tensor as_tensor(const float* ptr, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<float*>(ptr), {rows, cols}, {ld, 1}, at::kFloat);
-}
-
 // sc.z[g, j] = (w_{j0+j} . h_{r0+g} + b) / tau for the rows of a group (row stride
 // sc.tile), also storing the unscaled logits when asked.
 template <typename scalar_t>
@@ -312,8 +299,9 @@ void logit_tile(const Problem<scalar_t>& p, const TileScratch& sc, WeightTile w,
                 int64_t j0, int64_t n) {
   const float* h = p.hidden + r0 * p.dim;
   if (p.gemm) {
-    at::Tensor z = as_tensor(sc.z, group, n, sc.tile);
-    at::mm_out(z, as_tensor(h, group, p.dim, p.dim), as_tensor(w.ptr, n, p.dim, w.ld).t());
+    // z [group, n] = h [group, D] @ W_tile^T (W_tile read through a transposed view)
+    mm_into(float_matrix(sc.z, group, n, sc.tile), float_matrix(h, group, p.dim, p.dim),
+            float_matrix(w.ptr, p.dim, n, 1, w.ld));
   } else {
     for (int64_t g = 0; g < group; ++g) dot_rows(h + g * p.dim, w.ptr, w.ld, n, p.dim, sc.z + g * sc.tile);
   }
@@ -345,13 +333,13 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
   const bool need_grad = chunk.ab != nullptr;
   TileScratch sc = make_scratch(p, group, tile);
-  at::Tensor ef = at::empty({2 * group, tile}, at::kFloat);  // e rows, then e*d rows
-  float* ep = ef.data_ptr<float>();
-  at::Tensor block_buf;
+  Tensor ef = empty_cpu({2 * group, tile}, ScalarType::Float);  // e rows, then e*d rows
+  float* ep = ef.mutable_data_ptr<float>();
+  Tensor block_buf;
   GroupStates block = chunk;
   if (!p.gemm) {
-    block_buf = at::empty({(3 + (need_grad ? 2 * p.dim : 0)) * group}, at::kFloat);
-    float* bp = block_buf.data_ptr<float>();
+    block_buf = empty_cpu({(3 + (need_grad ? 2 * p.dim : 0)) * group}, ScalarType::Float);
+    float* bp = block_buf.mutable_data_ptr<float>();
     block = GroupStates{bp, need_grad ? bp + 3 * group : nullptr, group, p.dim};
     block.reset();
   }
@@ -372,7 +360,8 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
     }
     if (need_grad && p.gemm) {
       // [A; B] += [E; F] @ W_tile, after fold_tile has rebased A and B.
-      as_tensor(chunk.ab, 2 * group, p.dim, p.dim).addmm_(ef.narrow(1, 0, n), as_tensor(w.ptr, n, p.dim, w.ld));
+      addmm_into(float_matrix(chunk.ab, 2 * group, p.dim, p.dim), float_matrix(ep, 2 * group, n, tile),
+                 float_matrix(w.ptr, n, p.dim, w.ld));
     }
     if (!p.gemm && ((j0 + n - j_begin) % kBlockRows == 0 || j0 + n == j_end)) {
       for (int64_t g = 0; g < group; ++g) merge_state(chunk.row(g), block.row(g), p.dim);
@@ -385,52 +374,51 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
 
 // ---------------------------------------------------------------- argument checks
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                   double temperature) {
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
-              "linear_entropy (cpp): hidden and weight must be CPU tensors, got ", hidden.device(), " and ",
-              weight.device());
-  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "linear_entropy (cpp): hidden must be a contiguous [R, D] tensor, got shape ",
-              hidden.sizes());
+  STD_TORCH_CHECK(hidden.is_cpu() && weight.is_cpu(), "linear_entropy (cpp): hidden and weight must be CPU tensors, got ",
+                  device_str(hidden), " and ", device_str(weight));
+  STD_TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(),
+                  "linear_entropy (cpp): hidden must be a contiguous [R, D] tensor, got shape ", shape_str(hidden.sizes()));
   const auto dtype = hidden.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "linear_entropy (cpp): hidden must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
-              "linear_entropy (cpp): weight must have shape [V, D] with D = ", hidden.size(1), ", got ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, "linear_entropy (cpp): weight must have V >= 1 rows");
-  TORCH_CHECK(weight.stride(1) == 1, "linear_entropy (cpp): weight must have unit stride along D, got strides ",
-              weight.strides());
-  TORCH_CHECK(weight.scalar_type() == dtype, "linear_entropy (cpp): weight dtype ", weight.scalar_type(),
-              " must match hidden dtype ", dtype);
+  STD_TORCH_CHECK(is_float_kernel_dtype(dtype), "linear_entropy (cpp): hidden must be float32, float16 or bfloat16, got ",
+                  dtype);
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+                  "linear_entropy (cpp): weight must have shape [V, D] with D = ", hidden.size(1), ", got ",
+                  shape_str(weight.sizes()));
+  STD_TORCH_CHECK(weight.size(0) > 0, "linear_entropy (cpp): weight must have V >= 1 rows");
+  STD_TORCH_CHECK(weight.stride(1) == 1, "linear_entropy (cpp): weight must have unit stride along D, got strides ",
+                  shape_str(weight.strides()));
+  STD_TORCH_CHECK(weight.scalar_type() == dtype, "linear_entropy (cpp): weight dtype ", weight.scalar_type(),
+                  " must match hidden dtype ", dtype);
   if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device().is_cpu() && b.dim() == 1 && b.size(0) == weight.size(0) && b.is_contiguous(),
-                "linear_entropy (cpp): bias must be a contiguous CPU tensor of shape [", weight.size(0), "], got ",
-                b.sizes());
-    TORCH_CHECK(b.scalar_type() == dtype, "linear_entropy (cpp): bias dtype ", b.scalar_type(),
-                " must match hidden dtype ", dtype);
+    const Tensor& b = *bias;
+    STD_TORCH_CHECK(b.is_cpu() && b.dim() == 1 && b.size(0) == weight.size(0) && b.is_contiguous(),
+                    "linear_entropy (cpp): bias must be a contiguous CPU tensor of shape [", weight.size(0), "], got ",
+                    shape_str(b.sizes()));
+    STD_TORCH_CHECK(b.scalar_type() == dtype, "linear_entropy (cpp): bias dtype ", b.scalar_type(),
+                    " must match hidden dtype ", dtype);
   }
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "linear_entropy (cpp): temperature must be finite and > 0, got ", temperature);
+  STD_TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+                  "linear_entropy (cpp): temperature must be finite and > 0, got ", temperature);
 }
 
-void check_row_stat(const char* name, const at::Tensor& x, int64_t rows) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 && x.size(0) == rows &&
-                  x.is_contiguous(),
-              "linear_entropy_weight_grad (cpp): ", name, " must be a contiguous float32 CPU tensor of shape [", rows,
-              "], got ", x.scalar_type(), " ", x.sizes());
+void check_row_stat(const char* name, const Tensor& x, int64_t rows) {
+  STD_TORCH_CHECK(x.is_cpu() && x.scalar_type() == ScalarType::Float && x.dim() == 1 && x.size(0) == rows &&
+                      x.is_contiguous(),
+                  "linear_entropy_weight_grad (cpp): ", name, " must be a contiguous float32 CPU tensor of shape [",
+                  rows, "], got ", x.scalar_type(), " ", shape_str(x.sizes()));
 }
 
 template <typename scalar_t>
-Problem<scalar_t> make_problem(const at::Tensor& hidden32, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, double temperature, at::Tensor* logits) {
+Problem<scalar_t> make_problem(const Tensor& hidden32, const Tensor& weight, const std::optional<Tensor>& bias,
+                               double temperature, Tensor* logits) {
   Problem<scalar_t> p;
-  p.hidden = hidden32.data_ptr<float>();
-  p.weight = weight.data_ptr<scalar_t>();
+  p.hidden = hidden32.const_data_ptr<float>();
+  p.weight = weight.const_data_ptr<scalar_t>();
   p.ldw = weight.stride(0);
-  p.bias = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-  p.logits = logits != nullptr ? logits->data_ptr<scalar_t>() : nullptr;
+  p.bias = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+  p.logits = logits != nullptr ? logits->mutable_data_ptr<scalar_t>() : nullptr;
   p.rows = hidden32.size(0);
   p.dim = hidden32.size(1);
   p.vocab = weight.size(0);
@@ -445,22 +433,22 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
   const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
   const int64_t dim = p.dim;
-  at::Tensor stats = at::empty({chunks, 3, group_max}, at::kFloat);
-  at::Tensor ab = need_grad ? at::empty({chunks, 2, group_max, dim}, at::kFloat) : at::Tensor();
+  Tensor stats = empty_cpu({chunks, 3, group_max}, ScalarType::Float);
+  Tensor ab = need_grad ? empty_cpu({chunks, 2, group_max, dim}, ScalarType::Float) : Tensor();
   for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
     const int64_t group = std::min(group_max, p.rows - r0);
-    float* sp = stats.data_ptr<float>();
-    float* abp = need_grad ? ab.data_ptr<float>() : nullptr;
+    float* sp = stats.mutable_data_ptr<float>();
+    float* abp = need_grad ? ab.mutable_data_ptr<float>() : nullptr;
     // Chunk c's partial sits at a fixed offset sized for a full group; inside it the
     // layout is [3][group] and [2][group][D] (see GroupStates).
     auto chunk_states = [&](int64_t c) {
       return GroupStates{sp + c * 3 * group_max, need_grad ? abp + c * 2 * group_max * dim : nullptr, group, dim};
     };
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) forward_chunk(p, r0, group, c, chunk_states(c));
     });
     // Merge every row's partials in ascending chunk order into chunk 0's slot.
-    at::parallel_for(0, group, 1, [&](int64_t g0, int64_t g1) {
+    torch::stable::parallel_for(0, group, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const RowState acc = chunk_states(0).row(g);
         for (int64_t c = 1; c < chunks; ++c) merge_state(acc, chunk_states(c).row(g), dim);
@@ -480,23 +468,24 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_entropy_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double temperature,
-    bool need_grad, bool return_logits) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_entropy_fwd(const Tensor& hidden, const Tensor& weight,
+                                                                      const std::optional<Tensor>& bias,
+                                                                      double temperature, bool need_grad,
+                                                                      bool return_logits) {
   check_inputs(hidden, weight, bias, temperature);
   const int64_t rows = hidden.size(0), dim = hidden.size(1), vocab = weight.size(0);
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor entropy = new_output({rows}, f32);
-  at::Tensor dh = new_output(need_grad ? at::IntArrayRef{rows, dim} : at::IntArrayRef{0}, f32);
-  at::Tensor row_max = new_output({rows}, f32);
-  at::Tensor log_sum = new_output({rows}, f32);
-  at::Tensor logits = new_output(return_logits ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, hidden.options());
+  const ScalarType f32 = ScalarType::Float;
+  Tensor entropy = new_output({rows}, f32);
+  Tensor dh = new_output(need_grad ? Shape{rows, dim} : Shape{0}, f32);
+  Tensor row_max = new_output({rows}, f32);
+  Tensor log_sum = new_output({rows}, f32);
+  Tensor logits = new_output(return_logits ? Shape{rows, vocab} : Shape{0}, hidden.scalar_type());
   if (rows == 0) return {entropy, dh, row_max, log_sum, logits};
-  const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
-  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
+  const Tensor hidden32 = contiguous_float(hidden);
+  THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
-    forward_impl(p, need_grad, entropy.data_ptr<float>(), need_grad ? dh.data_ptr<float>() : nullptr,
-                 row_max.data_ptr<float>(), log_sum.data_ptr<float>());
+    forward_impl(p, need_grad, entropy.mutable_data_ptr<float>(), need_grad ? dh.mutable_data_ptr<float>() : nullptr,
+                 row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>());
   }));
   return {entropy, dh, row_max, log_sum, logits};
 }
@@ -513,8 +502,8 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_m
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
   TileScratch sc = make_scratch(p, group_max, tile);
-  at::Tensor coef = at::empty({tile, group_max}, at::kFloat);
-  float* cp = coef.data_ptr<float>();
+  Tensor coef = empty_cpu({tile, group_max}, ScalarType::Float);
+  float* cp = coef.mutable_data_ptr<float>();
   std::fill(gw + j_begin * p.dim, gw + j_end * p.dim, 0.f);
   if (gb != nullptr) std::fill(gb + j_begin, gb + j_end, 0.f);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
@@ -537,7 +526,8 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_m
       }
       const float* h = p.hidden + r0 * p.dim;
       if (p.gemm) {
-        as_tensor(gw + j0 * p.dim, n, p.dim, p.dim).addmm_(as_tensor(cp, n, group, group), as_tensor(h, group, p.dim, p.dim));
+        addmm_into(float_matrix(gw + j0 * p.dim, n, p.dim, p.dim), float_matrix(cp, n, group, group),
+                   float_matrix(h, group, p.dim, p.dim));
       } else {
         for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, 1, h, p.dim, group, p.dim);
       }
@@ -548,34 +538,33 @@ void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_m
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& hidden, const at::Tensor& weight,
-                                                              const c10::optional<at::Tensor>& bias,
-                                                              double temperature, const at::Tensor& row_max,
-                                                              const at::Tensor& log_sum, const at::Tensor& entropy,
-                                                              const at::Tensor& grad_entropy, bool need_bias) {
+std::tuple<Tensor, Tensor> linear_entropy_weight_grad(const Tensor& hidden, const Tensor& weight,
+                                                      const std::optional<Tensor>& bias, double temperature,
+                                                      const Tensor& row_max, const Tensor& log_sum,
+                                                      const Tensor& entropy, const Tensor& grad_entropy,
+                                                      bool need_bias) {
   check_inputs(hidden, weight, bias, temperature);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   check_row_stat("row_max", row_max, rows);
   check_row_stat("log_sum", log_sum, rows);
   check_row_stat("entropy", entropy, rows);
   check_row_stat("grad_entropy", grad_entropy, rows);
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor gw = new_output(weight.sizes(), f32);
-  at::Tensor gb = new_output(need_bias ? at::IntArrayRef{vocab} : at::IntArrayRef{0}, f32);
+  Tensor gw = new_output(weight.sizes(), ScalarType::Float);
+  Tensor gb = new_output(need_bias ? Shape{vocab} : Shape{0}, ScalarType::Float);
   if (rows == 0) {
-    gw.zero_();
-    gb.zero_();
+    torch::stable::zero_(gw);
+    torch::stable::zero_(gb);
     return {gw, gb};
   }
-  const at::Tensor hidden32 = hidden.to(at::kFloat).contiguous();
-  AT_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_FLOAT_CASES([&] {
+  const Tensor hidden32 = contiguous_float(hidden);
+  THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
     const int64_t chunks = (vocab + kChunk - 1) / kChunk;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
-        weight_grad_chunk(p, c, row_max.data_ptr<float>(), log_sum.data_ptr<float>(), entropy.data_ptr<float>(),
-                          grad_entropy.data_ptr<float>(), gw.data_ptr<float>(),
-                          need_bias ? gb.data_ptr<float>() : nullptr);
+        weight_grad_chunk(p, c, row_max.const_data_ptr<float>(), log_sum.const_data_ptr<float>(),
+                          entropy.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(),
+                          gw.mutable_data_ptr<float>(), need_bias ? gb.mutable_data_ptr<float>() : nullptr);
     });
   }));
   return {gw, gb};
@@ -584,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor> linear_entropy_weight_grad(const at::Tensor& 
 }  // namespace
 }  // namespace vreason
 
-TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
-  m.impl("linear_entropy_fwd", &vreason::linear_entropy_fwd);
-  m.impl("linear_entropy_weight_grad", &vreason::linear_entropy_weight_grad);
+STABLE_TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
+  m.impl("linear_entropy_fwd", TORCH_BOX(&vreason::linear_entropy_fwd));
+  m.impl("linear_entropy_weight_grad", TORCH_BOX(&vreason::linear_entropy_weight_grad));
 }

@@ -1,12 +1,22 @@
-// Vector row updates shared by the CPU kernels.
+// Constants and vector row updates shared by the CPU kernels.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
-#include "common.h"
+// The build passes no -march flag, so hot loops are compiled for several ISAs and the
+// loader picks the best one the CPU supports (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VREASON_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VREASON_SIMD_CLONES
+#endif
 
 namespace vreason {
 namespace {
+
+// The masked logit / score, and the max of an empty set.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // out[0:dim] += sum_i coef[i * coef_stride] * rows[i * ld : i * ld + dim], i ascending.
 // Four rows per pass over `out` give one load/store of out per four FMAs; the fixed

@@ -41,13 +41,6 @@
 // same input gives the same bits at any thread count. Any T works; decode (small T)
 // is what the split targets, and the chunk count shrinks as T grows to bound the
 // partials' memory.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -62,7 +55,6 @@
 namespace vreason {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kEps = 1e-6f;           // the norm clamp of §2.2
 constexpr int64_t kBlock = 64;          // keys per tile: K and V' tiles (64 x D fp32) stay in L2
 constexpr int64_t kChunk = 512;         // keys per parallel task (flash-decoding split)
@@ -448,58 +440,58 @@ void backward_task(const Layout& L, const float* q32, const float* do32, const f
 // ---------------------------------------------------------------- argument checks
 
 // Unit stride along D, as the tile kernels read rows directly.
-at::Tensor dense_rows(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+Tensor dense_rows(const Tensor& x) { return x.stride(-1) == 1 ? x : torch::stable::contiguous(x); }
 
 // Validates the shared arguments and fills the layout (without tensor pointers).
-Layout make_layout(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                   const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index,
-                   const c10::optional<at::Tensor>& attn_bias, double scale, bool causal) {
+Layout make_layout(const Tensor& query, const Tensor& key, const Tensor& value, const std::optional<Tensor>& delta_v,
+                   const Tensor& span_index, const std::optional<Tensor>& attn_bias, double scale, bool causal) {
   const char* op = "value_delta_attention (cpp): ";
-  TORCH_CHECK(query.device().is_cpu(), op, "query must be a CPU tensor, got ", query.device());
-  TORCH_CHECK(query.dim() == 4, op, "query must be [B, Hq, T, D], got shape ", query.sizes());
+  STD_TORCH_CHECK(query.is_cpu(), op, "query must be a CPU tensor, got ", device_str(query));
+  STD_TORCH_CHECK(query.dim() == 4, op, "query must be [B, Hq, T, D], got shape ", shape_str(query.sizes()));
   const auto dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              "query must be float32, float16 or bfloat16, got ", dtype);
+  STD_TORCH_CHECK(is_float_kernel_dtype(dtype), op, "query must be float32, float16 or bfloat16, got ", dtype);
   Layout L{};
   L.B = query.size(0), L.Hq = query.size(1), L.T = query.size(2), L.D = query.size(3);
-  TORCH_CHECK(key.dim() == 4 && key.size(0) == L.B && key.size(3) == L.D, op,
-              "key must be [B, Hkv, N, D] with B = ", L.B, " and D = ", L.D, ", got shape ", key.sizes());
+  STD_TORCH_CHECK(key.dim() == 4 && key.size(0) == L.B && key.size(3) == L.D, op,
+                  "key must be [B, Hkv, N, D] with B = ", L.B, " and D = ", L.D, ", got shape ",
+                  shape_str(key.sizes()));
   L.Hkv = key.size(1), L.N = key.size(2);
-  TORCH_CHECK(L.Hkv > 0 && L.Hq % L.Hkv == 0, op, "key heads Hkv = ", L.Hkv,
-              " must divide query heads Hq = ", L.Hq, " (GQA)");
+  STD_TORCH_CHECK(L.Hkv > 0 && L.Hq % L.Hkv == 0, op, "key heads Hkv = ", L.Hkv, " must divide query heads Hq = ",
+                  L.Hq, " (GQA)");
   L.G = L.Hq / L.Hkv;
   L.rows = L.G * L.T;
-  TORCH_CHECK(value.sizes() == key.sizes(), op, "value must have key's shape ", key.sizes(), ", got ",
-              value.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"key", &key}, std::pair{"value", &value}}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype, op, name, " must be a CPU tensor of dtype ",
-                dtype, ", got ", t->scalar_type(), " on ", t->device());
+  STD_TORCH_CHECK(value.sizes() == key.sizes(), op, "value must have key's shape ", shape_str(key.sizes()),
+                  ", got ", shape_str(value.sizes()));
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"key", &key}, std::pair{"value", &value}}) {
+    STD_TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype, op, name, " must be a CPU tensor of dtype ", dtype,
+                    ", got ", t->scalar_type(), " on ", device_str(*t));
   }
   L.S = 0;
   if (delta_v.has_value()) {
-    const at::Tensor& dv = *delta_v;
-    TORCH_CHECK(dv.device().is_cpu() && dv.scalar_type() == dtype, op,
-                "delta_v must be a CPU tensor of dtype ", dtype, ", got ", dv.scalar_type(), " on ", dv.device());
-    TORCH_CHECK(dv.dim() == 4 && dv.size(0) == L.B && dv.size(1) == L.Hkv && dv.size(3) == L.D, op,
-                "delta_v must be [B, Hkv, S, D] = [", L.B, ", ", L.Hkv, ", S, ", L.D, "], got shape ", dv.sizes());
+    const Tensor& dv = *delta_v;
+    STD_TORCH_CHECK(dv.is_cpu() && dv.scalar_type() == dtype, op, "delta_v must be a CPU tensor of dtype ", dtype,
+                    ", got ", dv.scalar_type(), " on ", device_str(dv));
+    STD_TORCH_CHECK(dv.dim() == 4 && dv.size(0) == L.B && dv.size(1) == L.Hkv && dv.size(3) == L.D, op,
+                    "delta_v must be [B, Hkv, S, D] = [", L.B, ", ", L.Hkv, ", S, ", L.D, "], got shape ",
+                    shape_str(dv.sizes()));
     L.S = dv.size(2);
   }
-  TORCH_CHECK(span_index.device().is_cpu() && span_index.scalar_type() == at::kInt && span_index.dim() == 1 &&
-                  span_index.size(0) == L.N,
-              op, "span_index must be an int32 CPU tensor of shape [N] = [", L.N, "], got ",
-              span_index.scalar_type(), " of shape ", span_index.sizes());
+  STD_TORCH_CHECK(span_index.is_cpu() && span_index.scalar_type() == ScalarType::Int && span_index.dim() == 1 &&
+                      span_index.size(0) == L.N,
+                  op, "span_index must be an int32 CPU tensor of shape [N] = [", L.N, "], got ",
+                  span_index.scalar_type(), " of shape ", shape_str(span_index.sizes()));
   L.bias = nullptr;
   if (attn_bias.has_value()) {
-    const at::Tensor& bias = *attn_bias;
-    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat, op,
-                "attn_bias must be a float32 CPU tensor, got ", bias.scalar_type(), " on ", bias.device());
+    const Tensor& bias = *attn_bias;
+    STD_TORCH_CHECK(bias.is_cpu() && bias.scalar_type() == ScalarType::Float, op,
+                    "attn_bias must be a float32 CPU tensor, got ", bias.scalar_type(), " on ", device_str(bias));
     const int64_t full[4] = {L.B, L.Hq, L.T, L.N};
     bool ok = bias.dim() == 4;
     for (int64_t i = 0; ok && i < 4; ++i) ok = bias.size(i) == 1 || bias.size(i) == full[i];
-    TORCH_CHECK(ok, op, "attn_bias must be 4-D and broadcastable to [B, Hq, T, N] = ", at::IntArrayRef(full, 4),
-                ", got shape ", bias.sizes());
+    STD_TORCH_CHECK(ok, op, "attn_bias must be 4-D and broadcastable to [B, Hq, T, N] = ", shape_str(Shape(full, 4)),
+                    ", got shape ", shape_str(bias.sizes()));
   }
-  TORCH_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  STD_TORCH_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
   L.causal = causal;
   // Chunks of kChunk keys, fewer (longer) when the partials would pass the budget;
   // both depend only on the shapes, so the split and the bits do not depend on threads.
@@ -517,30 +509,36 @@ void check_span_index(const Layout& L, const int32_t* span_index) {
   int64_t mapped = 0;
   for (int64_t n = 0; n < L.N; ++n) {
     const int32_t row = span_index[n];
-    TORCH_CHECK(row >= -1 && row < L.S, "value_delta_attention (cpp): span_index[", n, "] = ", row,
+    STD_TORCH_CHECK(row >= -1 && row < L.S, "value_delta_attention (cpp): span_index[", n, "] = ", row,
                 " is outside [-1, S) with S = ", L.S, " rows of delta_v");
     if (row < 0) continue;
-    TORCH_CHECK(!seen[row], "value_delta_attention (cpp): span_index maps two positions to row ", row,
+    STD_TORCH_CHECK(!seen[row], "value_delta_attention (cpp): span_index maps two positions to row ", row,
                 " of delta_v");
     seen[row] = 1;
     ++mapped;
   }
-  TORCH_CHECK(mapped == L.S, "value_delta_attention (cpp): span_index maps ", mapped,
+  STD_TORCH_CHECK(mapped == L.S, "value_delta_attention (cpp): span_index maps ", mapped,
               " positions, but delta_v has S = ", L.S, " rows");
 }
 
 // Resolves the tensor-dependent parts of the layout; returns the tensors it used so
 // that they outlive the kernels.
 struct Inputs {
-  at::Tensor q32, key, value, delta, span_index, bias;
+  Tensor q32, key, value, delta, span_index;
 };
 
-Inputs prepare(Layout& L, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-               const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index,
-               const c10::optional<at::Tensor>& attn_bias, double scale) {
+Inputs prepare(Layout& L, const Tensor& query, const Tensor& key, const Tensor& value,
+               const std::optional<Tensor>& delta_v, const Tensor& span_index, const std::optional<Tensor>& attn_bias,
+               double scale) {
   Inputs in;
-  // Scaling q once makes each score a plain dot product.
-  in.q32 = query.to(at::kFloat).mul(scale).contiguous();
+  // Scaling q once makes each score a plain dot product. The product is ATen's
+  // fp32 q * float(scale), as torch's mul by a Python scalar computes it.
+  const Tensor q = contiguous_float(query);
+  in.q32 = empty_cpu(query.sizes(), ScalarType::Float);
+  const float* src = q.const_data_ptr<float>();
+  float* dst = in.q32.mutable_data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  for (int64_t i = 0, n = q.numel(); i < n; ++i) dst[i] = src[i] * fscale;
   in.key = dense_rows(key);
   in.value = dense_rows(value);
   for (int i = 0; i < 3; ++i) L.k_s[i] = in.key.stride(i), L.v_s[i] = in.value.stride(i);
@@ -548,12 +546,12 @@ Inputs prepare(Layout& L, const at::Tensor& query, const at::Tensor& key, const 
     in.delta = dense_rows(*delta_v);
     for (int i = 0; i < 3; ++i) L.d_s[i] = in.delta.stride(i);
   }
-  in.span_index = span_index.contiguous();
-  if (in.delta.defined()) check_span_index(L, in.span_index.data_ptr<int32_t>());
+  in.span_index = torch::stable::contiguous(span_index);
+  if (in.delta.defined()) check_span_index(L, in.span_index.const_data_ptr<int32_t>());
   if (attn_bias.has_value()) {
-    in.bias = attn_bias->expand({L.B, L.Hq, L.T, L.N});  // broadcast dims get stride 0
-    L.bias = in.bias.data_ptr<float>();
-    for (int i = 0; i < 4; ++i) L.bias_s[i] = in.bias.stride(i);
+    // Read as if expanded to [B, Hq, T, N]: a broadcast dim gets stride 0.
+    L.bias = attn_bias->const_data_ptr<float>();
+    for (int i = 0; i < 4; ++i) L.bias_s[i] = attn_bias->size(i) == 1 ? 0 : attn_bias->stride(i);
   }
   return in;
 }
@@ -561,26 +559,24 @@ Inputs prepare(Layout& L, const at::Tensor& query, const at::Tensor& key, const 
 
 // ---------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& query, const at::Tensor& key,
-                                                             const at::Tensor& value,
-                                                             const c10::optional<at::Tensor>& delta_v,
-                                                             const at::Tensor& span_index,
-                                                             const c10::optional<at::Tensor>& attn_bias,
-                                                             double scale, bool causal) {
+std::tuple<Tensor, Tensor> value_delta_attention_fwd(const Tensor& query, const Tensor& key, const Tensor& value,
+                                                     const std::optional<Tensor>& delta_v, const Tensor& span_index,
+                                                     const std::optional<Tensor>& attn_bias, double scale,
+                                                     bool causal) {
   Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
   const Inputs in = prepare(L, query, key, value, delta_v, span_index, attn_bias, scale);
-  at::Tensor out = new_output({L.B, L.Hq, L.T, L.D}, query.options());
-  at::Tensor lse = new_output({L.B, L.Hq, L.T}, query.options().dtype(at::kFloat));
+  Tensor out = new_output({L.B, L.Hq, L.T, L.D}, query.scalar_type());
+  Tensor lse = new_output({L.B, L.Hq, L.T}, ScalarType::Float);
   const int64_t R = L.rows, D = L.D, tasks = L.B * L.Hkv * L.nchunk;
   // Partials of task i = (b * Hkv + g) * nchunk + c.
   std::vector<float> part_m(tasks * R), part_l(tasks * R), part_acc(tasks * R * D);
-  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_fwd", VREASON_FLOAT_CASES([&] {
-    const scalar_t* k = in.key.data_ptr<scalar_t>();
-    const scalar_t* v = in.value.data_ptr<scalar_t>();
-    const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;
-    const int32_t* si = in.span_index.data_ptr<int32_t>();
-    const float* q32 = in.q32.data_ptr<float>();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  THO_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_fwd", VREASON_FLOAT_CASES([&] {
+    const scalar_t* k = in.key.const_data_ptr<scalar_t>();
+    const scalar_t* v = in.value.const_data_ptr<scalar_t>();
+    const scalar_t* dv = in.delta.defined() ? in.delta.const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* si = in.span_index.const_data_ptr<int32_t>();
+    const float* q32 = in.q32.const_data_ptr<float>();
+    torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       Scratch w(R, D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i % L.nchunk, bg = i / L.nchunk;
@@ -589,9 +585,9 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& q
       }
     });
     // Merge, chunk by chunk in ascending order, per output row (b, h, t).
-    scalar_t* o = out.data_ptr<scalar_t>();
-    float* lse_p = lse.data_ptr<float>();
-    at::parallel_for(0, L.B * L.Hq * L.T, 16, [&](int64_t begin, int64_t end) {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    float* lse_p = lse.mutable_data_ptr<float>();
+    torch::stable::parallel_for(0, L.B * L.Hq * L.T, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(D);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
@@ -623,48 +619,49 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_fwd(const at::Tensor& q
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const c10::optional<at::Tensor>& delta_v, const at::Tensor& span_index, const c10::optional<at::Tensor>& attn_bias,
-    double scale, bool causal, const at::Tensor& lse) {
+std::tuple<Tensor, Tensor> value_delta_attention_bwd(const Tensor& grad_out, const Tensor& query, const Tensor& key,
+                                                     const Tensor& value, const std::optional<Tensor>& delta_v,
+                                                     const Tensor& span_index, const std::optional<Tensor>& attn_bias,
+                                                     double scale, bool causal, const Tensor& lse) {
   Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
   const char* op = "value_delta_attention (cpp): ";
-  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.sizes() == query.sizes() && grad_out.is_floating_point(), op,
-              "grad_out must be a floating CPU tensor of query's shape ", query.sizes(), ", got ",
-              grad_out.scalar_type(), " of shape ", grad_out.sizes(), " on ", grad_out.device());
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == L.B &&
-                  lse.size(1) == L.Hq && lse.size(2) == L.T,
-              op, "lse must be a float32 CPU tensor of shape [B, Hq, T] = [", L.B, ", ", L.Hq, ", ", L.T, "], got ",
-              lse.scalar_type(), " of shape ", lse.sizes());
+  STD_TORCH_CHECK(grad_out.is_cpu() && grad_out.sizes() == query.sizes() && is_floating(grad_out.scalar_type()), op,
+                  "grad_out must be a floating CPU tensor of query's shape ", shape_str(query.sizes()), ", got ",
+                  grad_out.scalar_type(), " of shape ", shape_str(grad_out.sizes()), " on ", device_str(grad_out));
+  STD_TORCH_CHECK(lse.is_cpu() && lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == L.B &&
+                      lse.size(1) == L.Hq && lse.size(2) == L.T,
+                  op, "lse must be a float32 CPU tensor of shape [B, Hq, T] = [", L.B, ", ", L.Hq, ", ", L.T,
+                  "], got ", lse.scalar_type(), " of shape ", shape_str(lse.sizes()));
   const Inputs in = prepare(L, query, key, value, delta_v, span_index, attn_bias, scale);
-  const at::Tensor do32 = grad_out.to(at::kFloat).contiguous();
-  const at::Tensor lse_c = lse.contiguous();
+  const Tensor do32 = contiguous_float(grad_out);
+  const Tensor lse_c = torch::stable::contiguous(lse);
   const int64_t R = L.rows, D = L.D, rows = L.B * L.Hq * L.T, tasks = L.B * L.Hkv * L.nchunk;
-  at::Tensor grad_query = new_output({L.B, L.Hq, L.T, D}, query.options().dtype(at::kFloat));
-  at::Tensor grad_delta = delta_v.has_value() ? new_output({L.B, L.Hkv, L.S, D}, query.options().dtype(at::kFloat))
-                                              : new_output({0}, query.options().dtype(at::kFloat));
+  Tensor grad_query = new_output({L.B, L.Hq, L.T, D}, ScalarType::Float);
+  Tensor grad_delta = delta_v.has_value() ? new_output({L.B, L.Hkv, L.S, D}, ScalarType::Float)
+                                          : new_output({0}, ScalarType::Float);
   // Partials of task i: centred dQ and kbar [R, D], mean mu and mass [R] (see the header).
   std::vector<float> part_dq(tasks * R * D), part_kbar(tasks * R * D), part_mu(tasks * R), part_mass(tasks * R);
-  AT_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_FLOAT_CASES([&] {
-    const scalar_t* k = in.key.data_ptr<scalar_t>();
-    const scalar_t* v = in.value.data_ptr<scalar_t>();
-    const scalar_t* dv = in.delta.defined() ? in.delta.data_ptr<scalar_t>() : nullptr;
-    const int32_t* si = in.span_index.data_ptr<int32_t>();
-    float* gd = grad_delta.data_ptr<float>();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  THO_DISPATCH_SWITCH(query.scalar_type(), "value_delta_attention_bwd", VREASON_FLOAT_CASES([&] {
+    const scalar_t* k = in.key.const_data_ptr<scalar_t>();
+    const scalar_t* v = in.value.const_data_ptr<scalar_t>();
+    const scalar_t* dv = in.delta.defined() ? in.delta.const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* si = in.span_index.const_data_ptr<int32_t>();
+    float* gd = grad_delta.mutable_data_ptr<float>();
+    torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       Scratch w(R, D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i % L.nchunk, bg = i / L.nchunk;
-        backward_task(L, in.q32.data_ptr<float>(), do32.data_ptr<float>(), lse_c.data_ptr<float>(), k, v, dv, si,
+        backward_task(L, in.q32.const_data_ptr<float>(), do32.const_data_ptr<float>(), lse_c.const_data_ptr<float>(),
+                      k, v, dv, si,
                       bg / L.Hkv, bg % L.Hkv, c, part_dq.data() + i * R * D, part_kbar.data() + i * R * D,
                       part_mu.data() + i * R, part_mass.data() + i * R, gd, w);
       }
     });
   }));
   // dQ = scale sum_c (dQ_c + (mu_c - Delta) kbar_c), in ascending chunk order.
-  float* gq = grad_query.data_ptr<float>();
+  float* gq = grad_query.mutable_data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row % L.T, h = (row / L.T) % L.Hq, b = row / (L.T * L.Hq);
       const int64_t r = (h % L.G) * L.T + t, task0 = (b * L.Hkv + h / L.G) * L.nchunk;
@@ -692,9 +689,9 @@ std::tuple<at::Tensor, at::Tensor> value_delta_attention_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
-  m.impl("value_delta_attention_fwd", &value_delta_attention_fwd);
-  m.impl("value_delta_attention_bwd", &value_delta_attention_bwd);
+STABLE_TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
+  m.impl("value_delta_attention_fwd", TORCH_BOX(&value_delta_attention_fwd));
+  m.impl("value_delta_attention_bwd", TORCH_BOX(&value_delta_attention_bwd));
 }
 
 }  // namespace vreason
