@@ -51,6 +51,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="needs a CUDA device (marked cuda)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
     wanted = config.getoption("--vk-backends")
     if not wanted:
         return

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
+pytestmark = pytest.mark.slow  # each case starts lmms-eval in a subprocess
 
 from python_tests.tiny_models import (  # noqa: E402
     needs_video_processor,
@@ -174,6 +175,7 @@ def test_a_request_with_an_image_is_a_clear_error(text_checkpoint):
         lmm.inputs("What is shown?", [torch.zeros(3, 4, 4)])
 
 
+@pytest.mark.video
 @needs_video_processor
 def test_video_task_through_the_lmms_eval_command_line(tmp_path):
     checkpoint = save_tiny_qwen2_5_vl_checkpoint(tmp_path / "tiny_qwen2_5_vl")

@@ -2,9 +2,8 @@
 processor saved with ``save_pretrained``, and decoded with V-Reason by the API and the CLI.
 
 The processor half needs transformers' Qwen2-VL video processor, which needs a torchvision
-that imports with the installed torch. PyPI has only CUDA builds of torchvision for torch
-2.13, which cannot load against the CPU build; those tests skip there and run wherever a
-matching torchvision is installed (e.g. the GPU image).
+that imports with the installed torch: the lock's torch 2.14.1 + torchvision 0.29.1. Where
+torchvision does not import (the CPU build of torch off x86_64), those tests skip and say why.
 """
 
 import subprocess
@@ -23,6 +22,7 @@ from python_tests.tiny_models import (
 from python_tests.utils import repo_env
 
 pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
+pytestmark = [pytest.mark.video, pytest.mark.slow]
 
 from vreason_kernels.integrations import default_span  # noqa: E402
 from vreason_kernels.video import check_video_file, video_chat_inputs  # noqa: E402

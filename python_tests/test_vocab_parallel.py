@@ -22,6 +22,8 @@ import torch
 
 from python_tests.distributed_utils import run_ranks
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 VOCAB, DIM, ROWS = 101, 37, 5
 BACKENDS = ("torch", "cpp", "triton")
 
