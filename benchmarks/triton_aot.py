@@ -1,7 +1,7 @@
 """Compile the package's Triton kernels for a GPU that is not there, as the launchers would.
 
 The launch arguments are not written down here. The launchers' own backend functions
-(``ops/*/triton_kernels.py``: ``forward``, ``backward``, ``weight_grad``) are called with
+(``ops/*/triton_backend.py``: ``forward``, ``backward``, ``weight_grad``) are called with
 ``meta`` tensors (shapes and dtypes, no memory) at DESIGN.md §6 shapes, while every
 ``@triton.jit`` kernel and autotuner in their modules is swapped for a recorder that keeps
 ``kernel[grid](*args, **kwargs)``. The SM count the launchers size their grids by is the
@@ -43,13 +43,25 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+import vreason_kernels.ops  # noqa: E402
+from vreason_kernels.ops.linear_entropy import triton_backend as le  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_chunked as le_chunked  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_decode as le_decode  # noqa: E402
-from vreason_kernels.ops.linear_entropy import triton_kernels as le  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_matmul as le_matmul  # noqa: E402
-from vreason_kernels.ops.value_delta_attention import triton_kernels as vda  # noqa: E402
+from vreason_kernels.ops.linear_entropy import triton_one_pass as le_one_pass  # noqa: E402
+from vreason_kernels.ops.value_delta_attention import triton_backend as vda  # noqa: E402
 
-LAUNCHER_MODULES = (le, le_decode, le_chunked, le_matmul, vda)
+
+def _triton_modules() -> tuple:
+    """Every ``triton_*`` module of the ops: the launchers look their kernels and the SM
+    count up in their own module's globals, so each one is patched while recording."""
+    root = pathlib.Path(vreason_kernels.ops.__file__).parent
+    names = sorted(".".join(("vreason_kernels", "ops", *p.relative_to(root).with_suffix("").parts))
+                   for p in root.rglob("triton_*.py"))
+    return tuple(importlib.import_module(name) for name in names)
+
+
+LAUNCHER_MODULES = _triton_modules()
 
 # DESIGN.md §6: hidden size D, vocabulary V, q/kv heads, head_dim.
 MODELS = {

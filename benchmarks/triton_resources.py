@@ -22,9 +22,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from triton_aot import (  # noqa: E402  (drops TRITON_INTERPRET before triton is imported)
-    DTYPES, MODELS, SPAN_MARGIN, TARGETS, TOKENS, attention_shapes, check, compile_all, le, le_chunked, le_decode,
-    le_matmul, torch, triton, vda,
+    DTYPES, MODELS, SPAN_MARGIN, TARGETS, TOKENS, attention_shapes, check, compile_all, le_chunked, le_decode,
+    le_matmul, le_one_pass, torch, triton, vda,
 )
+from vreason_kernels.ops.linear_entropy.triton_backend import vocab_split_plan  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "triton_resources.md"
 
@@ -92,8 +93,8 @@ def one_pass_traffic(target: str, dtype=torch.bfloat16):
     for model, spec in MODELS.items():
         D, V = spec["D"], spec["V"]
         for rows in TOKENS[1:]:
-            blocks = le._forward_blocks(rows, dtype)
-            chunk, splits = le._split_plan(rows, V, blocks, sm_count)
+            blocks = le_one_pass.forward_blocks(rows, dtype)
+            chunk, splits = vocab_split_plan(rows, V, blocks["BLOCK_R"], blocks["BLOCK_V"], sm_count)
             row_blocks = triton.cdiv(rows, blocks["BLOCK_R"])
             resident = min(row_blocks * splits, 2 * sm_count)
             rows_per_block = min(rows, blocks["BLOCK_R"])  # masked rows move no bytes

@@ -16,7 +16,7 @@ if not (torch.cuda.is_available() or triton_interpreted()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from vreason_kernels.ops.linear_entropy import triton_chunked as chunked  # noqa: E402
-from vreason_kernels.ops.linear_entropy import triton_kernels as tk  # noqa: E402
+from vreason_kernels.ops.linear_entropy import triton_backend as tk  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

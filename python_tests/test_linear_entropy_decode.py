@@ -18,7 +18,7 @@ if not (torch.cuda.is_available() or triton_interpreted()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 decode = pytest.importorskip("vreason_kernels.ops.linear_entropy.triton_decode")
-tk = pytest.importorskip("vreason_kernels.ops.linear_entropy.triton_kernels")
+tk = pytest.importorskip("vreason_kernels.ops.linear_entropy.triton_backend")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -33,7 +33,7 @@ def test_keeps_highest_norm_positions(dtype, keep_ratio):
     b, h, n, d = 3, 2, 17, 5
     key, value = torch.randn(b, h, n, d, dtype=dtype), torch.randn(b, h, n, d, dtype=dtype)
     span = torch.tensor([1, 2, 4, 5, 6, 9, 10, 11, 15, 16])
-    k2, v2, kept = vk.prune_kv(key, value, span, keep_ratio)
+    k2, v2, kept = vk.prune_kv(key, value, span, keep_ratio=keep_ratio)
     want = torch.tensor(_brute_force_kept(value, span.tolist(), keep_ratio))
     assert kept.dtype == torch.int64 and torch.equal(kept, want)
     assert (kept[:, 1:] > kept[:, :-1]).all(), "kept positions must stay in original order"
@@ -46,23 +46,23 @@ def test_count_rule_and_float_rounding():
     key = value = torch.randn(1, 1, 12, 4)
     span = torch.arange(10)
     # 0.3 * 10 is 3.0000000000000004 in floats; the rule means ceil(3) = 3.
-    assert vk.prune_kv(key, value, span, 0.3)[2].shape[1] == 2 + 3
-    assert vk.prune_kv(key, value, span, 0.31)[2].shape[1] == 2 + 4
-    assert vk.prune_kv(key, value, span, 1e-6)[2].shape[1] == 2 + 1
+    assert vk.prune_kv(key, value, span, keep_ratio=0.3)[2].shape[1] == 2 + 3
+    assert vk.prune_kv(key, value, span, keep_ratio=0.31)[2].shape[1] == 2 + 4
+    assert vk.prune_kv(key, value, span, keep_ratio=1e-6)[2].shape[1] == 2 + 1
 
 
 def test_ties_keep_earlier_positions():
     value = torch.ones(2, 2, 8, 3)
     value[1, :, 5] = 2.0  # row 1: position 5 is strictly largest
     span = torch.tensor([2, 3, 5, 6])
-    _, _, kept = vk.prune_kv(value.clone(), value, span, 0.5)
+    _, _, kept = vk.prune_kv(value.clone(), value, span, keep_ratio=0.5)
     assert kept.tolist() == [[0, 1, 2, 3, 4, 7], [0, 1, 2, 4, 5, 7]]
 
 
 def test_keep_ratio_one_and_empty_span_are_identity():
     key, value = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
     for span in (torch.tensor([0, 3, 8]), torch.tensor([], dtype=torch.int64)):
-        k2, v2, kept = vk.prune_kv(key, value, span, 1.0 if span.numel() else 0.5)
+        k2, v2, kept = vk.prune_kv(key, value, span, keep_ratio=1.0 if span.numel() else 0.5)
         assert torch.equal(k2, key) and torch.equal(v2, value)
         assert torch.equal(kept, torch.arange(9).expand(2, 9))
 
@@ -81,7 +81,10 @@ def test_keep_ratio_one_and_empty_span_are_identity():
         (dict(span=torch.tensor([2, 2])), ValueError, "unique"),
         (dict(span=torch.tensor([[1, 2]])), ValueError, "span must have 1 dims"),
         (dict(span=torch.tensor([1.0, 2.0])), TypeError, "span"),
-        (dict(span=[1, 2]), TypeError, "span must be a torch.Tensor"),
+        (dict(span={1, 2}), TypeError, "span must be a tensor, list, tuple or range"),
+        (dict(span=[1.0, 2]), TypeError, "span must hold int positions"),
+        (dict(span=[True, 2]), TypeError, "span must hold int positions"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
         (dict(value=torch.randn(2, 2, 8, 4)), ValueError, "key and value must have the same shape"),
         (dict(value=torch.randn(2, 9, 4)), ValueError, "value must have 4 dims"),
         (dict(value=torch.randn(2, 2, 9, 4, dtype=torch.float64)), ValueError, "value must have the same dtype"),
@@ -94,6 +97,29 @@ def test_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         vk.prune_kv(**args)
+
+
+@pytest.mark.parametrize("form", [list, tuple, "range"])
+def test_span_as_a_list_tuple_or_range(form):
+    """A span of plain Python ints is the same span as its tensor."""
+    key, value = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    span = range(2, 7) if form == "range" else form([2, 3, 4, 5, 6])
+    got = vk.prune_kv(key, value, span, keep_ratio=0.5)
+    want = vk.prune_kv(key, value, torch.arange(2, 7), keep_ratio=0.5)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert pruned_span(got[2], span).tolist() == pruned_span(want[2], torch.arange(2, 7)).tolist()
+
+
+def test_positional_keep_ratio_still_works_with_a_deprecation_warning():
+    key, value, span = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4), torch.tensor([1, 4, 5])
+    with pytest.warns(DeprecationWarning, match="keep_ratio as a keyword"):
+        old = vk.prune_kv(key, value, span, 0.5)
+    new = vk.prune_kv(key, value, span, keep_ratio=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(old, new))
+    with pytest.raises(TypeError, match="both positionally and as a keyword"):
+        vk.prune_kv(key, value, span, 0.5, keep_ratio=0.5)
+    with pytest.raises(TypeError, match="missing the keyword argument keep_ratio"):
+        vk.prune_kv(key, value, span)
 
 
 def test_pruned_span():
@@ -198,7 +224,7 @@ def test_ranks_by_exact_norm_in_any_layout(make_value):
     span = torch.tensor([0, 2, 3, 5, 6, 8])
     value = make_value(torch.randn(2, 3, 9, 5))
     key = torch.randn(value.shape, dtype=value.dtype)
-    _, v2, kept = vk.prune_kv(key, value, span, 0.5)
+    _, v2, kept = vk.prune_kv(key, value, span, keep_ratio=0.5)
     wanted = _kept_by_float64_norm(value, span, 3)
     for row in range(2):
         assert [p for p in kept[row].tolist() if p in span.tolist()] == wanted[row]
@@ -207,22 +233,22 @@ def test_ranks_by_exact_norm_in_any_layout(make_value):
 
 def test_keep_ratio_1e_9_keeps_one_span_row():
     value = torch.randn(2, 2, 9, 4)
-    key, v2, kept = vk.prune_kv(torch.randn(2, 2, 9, 4), value, torch.tensor([1, 4, 5]), 1e-9)
+    key, v2, kept = vk.prune_kv(torch.randn(2, 2, 9, 4), value, torch.tensor([1, 4, 5]), keep_ratio=1e-9)
     assert kept.shape == (2, 7) and v2.shape == (2, 2, 7, 4)
 
 
 def test_empty_batch_and_empty_cache():
-    key, value, kept = vk.prune_kv(torch.randn(0, 2, 9, 4), torch.randn(0, 2, 9, 4), torch.tensor([1, 4, 5]), 0.5)
+    key, value, kept = vk.prune_kv(torch.randn(0, 2, 9, 4), torch.randn(0, 2, 9, 4), torch.tensor([1, 4, 5]), keep_ratio=0.5)
     assert key.shape == (0, 2, 8, 4) and kept.shape == (0, 8)
     empty = torch.zeros(2, 2, 0, 4)
-    key, value, kept = vk.prune_kv(empty, empty, torch.tensor([], dtype=torch.int64), 0.5)
+    key, value, kept = vk.prune_kv(empty, empty, torch.tensor([], dtype=torch.int64), keep_ratio=0.5)
     assert key.shape == (2, 2, 0, 4) and kept.shape == (2, 0)
 
 
 def test_inf_value_rows_rank_first():
     value = torch.randn(1, 2, 9, 4)
     value[0, 1, 5, 0] = float("inf")
-    _, _, kept = vk.prune_kv(torch.randn(1, 2, 9, 4), value, torch.tensor([1, 4, 5]), 0.3)
+    _, _, kept = vk.prune_kv(torch.randn(1, 2, 9, 4), value, torch.tensor([1, 4, 5]), keep_ratio=0.3)
     assert 5 in kept[0].tolist() and 1 not in kept[0].tolist() and 4 not in kept[0].tolist()
 
 

@@ -201,7 +201,7 @@ def test_nan_query_survives_the_merge_of_key_chunks(backend):
     """Decode over keys split into chunks merged afterwards (C++: 3 chunks at N = 1237;
     Triton: 3 flash-decoding splits): the NaN row stays NaN in out and lse through the
     merge, which once took a NaN chunk for one that sees no key."""
-    from vreason_kernels.ops.value_delta_attention import cpp, triton_kernels
+    from vreason_kernels.ops.value_delta_attention import cpp, triton_backend
 
     n = 1237 if backend == "cpp" else 131
     query, key, value = torch.randn(1, 4, 1, D), torch.randn(1, 2, n, D), torch.randn(1, 2, n, D)
@@ -210,6 +210,6 @@ def test_nan_query_survives_the_merge_of_key_chunks(backend):
     if backend == "cpp":
         out, lse = cpp.forward(query, key, value, None, span_index, None, 0.25, True)
     else:
-        out, lse = triton_kernels.forward(query, key, value, None, span_index, None, 0.25, True, num_splits=3)
+        out, lse = triton_backend.forward(query, key, value, None, span_index, None, 0.25, True, num_splits=3)
     assert out[0, 1].isnan().all() and lse[0, 1].isnan().all()
     assert torch.isfinite(out[0, [0, 2, 3]]).all() and torch.isfinite(lse[0, [0, 2, 3]]).all()

@@ -1,7 +1,7 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional, Sequence
 
 import torch
@@ -49,6 +49,20 @@ def check_positions(name: str, positions: object) -> torch.Tensor:
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32/int64 tensor of positions, got {positions.dtype}")
     return positions
+
+
+def as_positions(name: str, positions: object, device) -> torch.Tensor:
+    """``positions`` as a 1-D int tensor: a tensor is taken as it is (``check_positions``
+    then checks it), a list, tuple or ``range`` of ints becomes an int64 tensor on
+    ``device``; any other type is a ``TypeError`` naming ``name``."""
+    if isinstance(positions, torch.Tensor):
+        return positions
+    if isinstance(positions, (list, tuple, range)):
+        bad = [x for x in positions if isinstance(x, bool) or not isinstance(x, Integral)]
+        if bad:
+            raise TypeError(f"{name} must hold int positions, got {type(bad[0]).__name__} {bad[0]!r}")
+        return torch.tensor([int(x) for x in positions], dtype=torch.int64, device=device)
+    raise TypeError(f"{name} must be a tensor, list, tuple or range of int positions, got {type(positions).__name__}")
 
 
 def check_positions_values(name: str, positions: torch.Tensor, n: int, bound: str = "N") -> None:

@@ -33,10 +33,16 @@ def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def check_backend(backend: object) -> str:
+    """The one check of a backend name (the ops, ``VReasonConfig``, the attention hook)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a user-facing backend name to a concrete one for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
@@ -68,7 +74,7 @@ def resolve_backend_for(backend: str, name: str, x: torch.Tensor) -> str:
 
 
 # Every op package names its backends alike: naive.py is the torch reference.
-_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_kernels"}
+_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton_backend"}
 
 
 def backend_module(op_package: str, backend: str):

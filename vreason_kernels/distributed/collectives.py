@@ -1,5 +1,5 @@
 """The few torch.distributed collectives the vocabulary-parallel paths use, and the row
-reductions over a vocabulary that is whole (no group) or sharded over a process group.
+reductions over a vocabulary that is whole (no process group) or sharded over a process group.
 
 Ranks hold contiguous vocabulary slices in rank order (rank 0 has the first rows), as
 transformers' ``colwise`` LM-head plans and Megatron-style vocabulary parallelism lay them
@@ -13,15 +13,15 @@ import torch.distributed as dist
 
 
 def resolve_group(process_group):
-    """``process_group``, or the default group; a clear error when torch.distributed is not set up."""
+    """``process_group``, or the default group (the world); a clear error when torch.distributed is not set up."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
     return dist.group.WORLD if process_group is None else process_group
 
 
-def _collective_device(group, device: torch.device) -> torch.device:
-    """Where ``group`` can communicate: the tensors' own CUDA device under NCCL, else the CPU (gloo)."""
-    backend = str(dist.get_backend(group))
+def _collective_device(process_group, device: torch.device) -> torch.device:
+    """Where ``process_group`` can communicate: the tensors' own CUDA device under NCCL, else the CPU (gloo)."""
+    backend = str(dist.get_backend(process_group))
     if device.type == "cuda" and "nccl" in backend:
         return device
     if "gloo" in backend or "mpi" in backend:
@@ -29,48 +29,48 @@ def _collective_device(group, device: torch.device) -> torch.device:
     raise ValueError(f"process_group: backend {backend!r} cannot communicate {device.type} tensors")
 
 
-def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+def all_gather(x: torch.Tensor, process_group) -> torch.Tensor:
     """``[world, *x.shape]``: every rank's ``x``, in rank order (one collective; exact copies)."""
-    device = _collective_device(group, x.device)
+    device = _collective_device(process_group, x.device)
     local = x.to(device).contiguous()
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, local, group=group)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(out, local, group=process_group)
     return torch.stack(out).to(x.device)
 
 
-def all_max(x: torch.Tensor, group) -> torch.Tensor:
+def all_max(x: torch.Tensor, process_group) -> torch.Tensor:
     """Elementwise max of ``x`` over the ranks (exact: a max never rounds)."""
-    device = _collective_device(group, x.device)
+    device = _collective_device(process_group, x.device)
     local = x.to(device, copy=True).contiguous()
-    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
     return local.to(x.device)
 
 
 class VocabRows:
-    """Reductions over the vocabulary of ``[B, V_rank]`` rows: plain ones without a group,
+    """Reductions over the vocabulary of ``[B, V_rank]`` rows: plain ones without a process group,
     collectives (never the rows themselves) with one. Every rank of the group must make
     the same calls in the same order. Build one per vocabulary layout and keep it: the
     ranks' row counts are gathered once, at the first call that needs them.
     """
 
-    def __init__(self, rows: int, device, group=None):
-        """``rows``: this rank's vocabulary rows; ``group``: the process group the
+    def __init__(self, rows: int, device, process_group=None):
+        """``rows``: this rank's vocabulary rows; ``process_group``: the process group the
         vocabulary is sharded over, or None (whole rows)."""
         self.rows = rows
         self.device = torch.device(device)  # NCCL communicates only CUDA tensors
-        self.group = group
+        self.process_group = process_group
         self._sizes: Optional[list] = None
 
     @property
     def sharded(self) -> bool:
-        return self.group is not None
+        return self.process_group is not None
 
     def sizes(self) -> list:
         """Vocabulary rows of every rank, in rank order (one collective, then cached)."""
         if self._sizes is None:
             if self.sharded:
                 mine = torch.tensor([self.rows], dtype=torch.long, device=self.device)
-                self._sizes = all_gather(mine, self.group)[:, 0].tolist()
+                self._sizes = all_gather(mine, self.process_group)[:, 0].tolist()
             else:
                 self._sizes = [self.rows]
         return self._sizes
@@ -82,7 +82,7 @@ class VocabRows:
     @property
     def offset(self) -> int:
         """Global index of this rank's first vocabulary row."""
-        rank = dist.get_rank(self.group) if self.sharded else 0
+        rank = dist.get_rank(self.process_group) if self.sharded else 0
         return sum(self.sizes()[:rank])
 
     def local(self, whole: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class VocabRows:
     def max(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1]`` max over the whole vocabulary."""
         top = x.amax(-1, keepdim=True)
-        return all_max(top, self.group) if self.sharded else top
+        return all_max(top, self.process_group) if self.sharded else top
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """``[B]`` int64 global index of the first maximum over the whole vocabulary.
@@ -106,7 +106,7 @@ class VocabRows:
             return index
         value = x.gather(-1, index[:, None])[:, 0]
         rows = torch.full_like(index, self.rows)
-        table = all_gather(torch.stack([value.double(), index.double(), rows.double()], -1), self.group)
+        table = all_gather(torch.stack([value.double(), index.double(), rows.double()], -1), self.process_group)
         sizes = table[:, 0, 2].long()  # offsets on the device: no host sync
         offsets = torch.cumsum(sizes, 0) - sizes
         best = table[..., 0].argmax(0)  # [B]: the rank holding each row's maximum

@@ -33,9 +33,8 @@ from torch import Tensor
 from vreason_kernels._checks import FLOAT_DTYPES
 from vreason_kernels.backend import BACKENDS, resolve_backend_for
 from vreason_kernels.distributed.collectives import all_gather, resolve_group
-from vreason_kernels.ops.linear_entropy.op import _check_args, _linear_entropy_weight_grad
-from vreason_kernels.ops.linear_entropy.partials import (
-    Partials, finish, merge_partials, slice_partials, weight_grad_from_stats,
+from vreason_kernels.ops.linear_entropy import (
+    Partials, check_args, finish, linear_entropy_weight_grad, merge_partials, slice_partials,
 )
 
 # What every rank tells the others before the partials travel (one small all-gather):
@@ -46,11 +45,11 @@ _META = ("ok", "vocab rows", "D", "rows", "dtype", "temperature", "need_grad", "
 
 class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, group, temperature, need_grad, return_logits, backend):
+    def forward(ctx, hidden, weight, bias, process_group, temperature, need_grad, return_logits, backend):
         parts, logits = slice_partials(hidden, weight, bias, temperature, need_grad, return_logits, backend)
         columns = [parts.m, parts.s, parts.t]
         packed = torch.cat([torch.stack(columns, -1), *([parts.a, parts.b] if need_grad else [])], -1)
-        table = all_gather(packed, group)  # [world, R, 3 (+ 2 D)]
+        table = all_gather(packed, process_group)  # [world, R, 3 (+ 2 D)]
         dim = hidden.shape[1]
         moments = (table[..., 3:3 + dim], table[..., 3 + dim:]) if need_grad else (None, None)
         merged = merge_partials(Partials(table[..., 0], table[..., 1], table[..., 2], *moments))
@@ -71,11 +70,10 @@ class _VocabParallelEntropy(torch.autograd.Function):
             if need_hidden:
                 grad_hidden = (g[:, None] * dh).to(hidden.dtype)
             if need_weight or need_bias:
-                stats = (ctx.temperature, row_max, log_sum, entropy, g, need_bias)
-                if ctx.backend == "torch":
-                    grad_weight, grad_bias = weight_grad_from_stats(hidden, weight, bias, *stats)
-                else:
-                    grad_weight, grad_bias = _linear_entropy_weight_grad(hidden, weight, bias, *stats, ctx.backend)
+                # The whole vocabulary's row statistics: this slice's dW/db without communication.
+                grad_weight, grad_bias = linear_entropy_weight_grad(
+                    hidden, weight, bias, ctx.temperature, row_max, log_sum, entropy, g, need_bias, ctx.backend
+                )
                 grad_weight = grad_weight.to(weight.dtype) if need_weight else None
                 grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
@@ -83,16 +81,16 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
 def _local_check(hidden, weight, bias, temperature, return_logits, backend) -> str:
     """The single-process op's checks plus the backend's; returns the resolved backend."""
-    _check_args(hidden, weight, bias, temperature, return_logits)
+    check_args(hidden, weight, bias, temperature, return_logits)
     return resolve_backend_for(backend, "hidden", hidden)
 
 
-def _meta_device(hidden, group) -> torch.device:
+def _meta_device(hidden, process_group) -> torch.device:
     """Where the argument check travels: hidden's device, or (hidden not even a tensor) the
     current CUDA device under NCCL, else the CPU, so that a bad rank still joins the check."""
     if isinstance(hidden, Tensor):
         return hidden.device
-    nccl = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
+    nccl = "nccl" in str(dist.get_backend(process_group)) and torch.cuda.is_available()
     return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
@@ -158,7 +156,7 @@ def vocab_parallel_linear_entropy(
     without a hidden gradient) per rank. A bad input on any rank raises on every rank
     rather than leaving the others waiting in a collective.
     """
-    group = resolve_group(process_group)
+    process_group = resolve_group(process_group)
     error, resolved = None, backend
     try:
         resolved = _local_check(hidden, weight, bias, temperature, return_logits, backend)
@@ -178,14 +176,15 @@ def vocab_parallel_linear_entropy(
         float(need_grad),
         float(BACKENDS.index(resolved)) if ok else -1.0,
     ]
-    _check_ranks(all_gather(torch.tensor(meta, dtype=torch.float64, device=_meta_device(hidden, group)), group), error, vocab_size)
+    meta = torch.tensor(meta, dtype=torch.float64, device=_meta_device(hidden, process_group))
+    _check_ranks(all_gather(meta, process_group), error, vocab_size)
 
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     rows = hidden.reshape(-1, dim).contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     entropy, logits = _VocabParallelEntropy.apply(
-        rows, weight, bias, group, float(temperature), need_grad, return_logits, resolved
+        rows, weight, bias, process_group, float(temperature), need_grad, return_logits, resolved
     )
     entropy = entropy.reshape(lead)
     return (entropy, logits.reshape(*lead, weight.shape[0])) if return_logits else entropy

@@ -22,6 +22,9 @@ from typing import Optional
 
 import torch
 
+from vreason_kernels.backend import accumulator_dtype
+from vreason_kernels.ops.linear_entropy.partials import Partials
+
 
 def _relative_sums(z: torch.Tensor):
     """(m, d, e, s, t) of every row of ``z``, with ``d``/``e`` zeroed where ``e = 0``.
@@ -103,12 +106,33 @@ def forward(hidden, weight, bias, temperature: float, need_grad: bool, return_lo
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
     """dW_j = sum_r g_r (dH_r/dz_rj) h_r / tau, and db_j = sum_r g_r (dH_r/dz_rj) / tau.
 
-    The forward's row statistics are recomputed rather than trusted: this path is the spec.
+    From the row statistics given (``row_max`` M, ``log_sum`` log S, ``entropy`` H), as
+    every backend takes them: ``dH_r/dz_rj = -p_rj (z_rj - mu_r)`` with ``d = z - M``,
+    ``p = e^{d - log S}`` and ``z - mu = d - (log S - H)``. The rows of ``weight`` may be a
+    slice of the vocabulary (``vreason_kernels.distributed``): its gradient then needs the
+    statistics of the whole row, which only the caller has. Masked entries (z = -inf) and
+    rows whose logits are all -inf add nothing.
     """
-    _, _, _, _, s, dz_times_s = _entropy_dz(hidden, weight, bias, temperature)
-    # Rows with s = 0 (all masked) have dz = 0 everywhere: they add nothing.
-    scale = torch.where(s > 0, grad_entropy.to(s.dtype) / (s * temperature), torch.zeros_like(s))
-    dz = dz_times_s * scale.unsqueeze(-1)
-    grad_weight = dz.transpose(0, 1) @ hidden.to(dz.dtype)
-    grad_bias = dz.sum(0) if need_bias else hidden.new_empty(0, dtype=dz.dtype)
-    return grad_weight, grad_bias
+    acc = row_max.dtype
+    z = torch.nn.functional.linear(hidden, weight, bias).to(acc) / temperature
+    live = z > float("-inf")
+    d = torch.where(live, z - row_max[:, None], torch.zeros_like(z))
+    p = torch.exp(d - log_sum[:, None])
+    scale = grad_entropy.to(acc) / temperature
+    coef = torch.where(live, -p * (d - (log_sum - entropy)[:, None]) * scale[:, None], torch.zeros_like(z))
+    grad_bias = coef.sum(0) if need_bias else hidden.new_empty(0, dtype=acc)
+    return coef.transpose(0, 1) @ hidden.to(acc), grad_bias
+
+
+def slice_partials(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool):
+    """``(Partials, logits [R, V_slice] | [0])`` of the vocabulary rows in ``weight``
+    (``partials.py``): their (m, s, t) and, with ``need_grad``, (A, B), from the slice's
+    logits, which this path materialises."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    acc = accumulator_dtype(hidden.dtype)
+    m, d, e, s, t = _relative_sums(logits.to(acc) / temperature)
+    a = b = None
+    if need_grad:
+        w = weight.to(acc)
+        a, b = e @ w, (e * d) @ w
+    return Partials(m, s, t, a, b), logits if return_logits else hidden.new_empty(0)

@@ -1,4 +1,5 @@
-"""``linear_entropy``: the public op, a ``torch.library`` custom op with autograd.
+"""``linear_entropy``: the public op, a ``torch.library`` custom op with autograd, and the
+one place that picks the backend module (naive.py, cpp.py, triton_backend.py).
 
 The forward of every backend returns ``dH/dh`` from the same single pass over the
 weight that gives the entropy (DESIGN.md §2.1), so the backward for ``hidden`` only
@@ -13,6 +14,8 @@ from torch import Tensor
 
 from vreason_kernels._checks import check_bool, check_number, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend_for
+from vreason_kernels.ops.linear_entropy.partials import Partials
+
 
 def _backend_impl(backend: str):
     return backend_module(__package__, backend)
@@ -46,7 +49,7 @@ def _(hidden, weight, bias, temperature, need_grad, return_logits, backend):
 
 
 @torch.library.custom_op("vreason::linear_entropy_weight_grad", mutates_args=())
-def _linear_entropy_weight_grad(
+def linear_entropy_weight_grad(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -63,7 +66,7 @@ def _linear_entropy_weight_grad(
     )
 
 
-@_linear_entropy_weight_grad.register_fake
+@linear_entropy_weight_grad.register_fake
 def _(hidden, weight, bias, temperature, row_max, log_sum, entropy, grad_entropy, need_bias, backend):
     acc = accumulator_dtype(hidden.dtype)
     return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape[0] if need_bias else 0, dtype=acc)
@@ -94,7 +97,7 @@ def _backward(ctx, g_entropy, _g_dh, _g_row_max, _g_log_sum, g_logits):
         if need_weight or need_bias:
             # Gradients come in any layout: stride 0 from .sum()/.mean(), views, ...;
             # the kernels read a dense [R] vector.
-            grad_weight, grad_bias = _linear_entropy_weight_grad(
+            grad_weight, grad_bias = linear_entropy_weight_grad(
                 hidden, weight, bias, ctx.temperature, row_max, log_sum, entropy,
                 g_entropy.to(acc).contiguous(), need_bias, ctx.backend,
             )
@@ -121,7 +124,21 @@ def _backward(ctx, g_entropy, _g_dh, _g_row_max, _g_log_sum, g_logits):
 _linear_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(hidden, weight, bias, temperature, return_logits) -> None:
+def slice_partials(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool,
+                   backend: str) -> tuple[Partials, Tensor]:
+    """``(Partials, logits [R, V_slice] | [0])`` of the vocabulary rows in ``weight``, a slice
+    of the head (partials.py), for ``hidden [R, D]`` and a resolved ``backend``.
+
+    ``"triton"`` runs the fused partials kernels (W read once) and folds their splits; any
+    other backend takes the torch reference's, which materialises the slice's logits (the
+    C++ backend keeps its partials internal).
+    """
+    impl = _backend_impl("triton" if backend == "triton" and hidden.shape[0] > 0 else "torch")
+    return impl.slice_partials(hidden, weight, bias, temperature, need_grad, return_logits)
+
+
+def check_args(hidden, weight, bias, temperature, return_logits) -> None:
+    """The public op's argument checks; each error names the argument."""
     check_tensor("hidden", hidden, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if bias is not None:
@@ -180,7 +197,7 @@ def linear_entropy(
         * Tiny or huge temperatures give finite results: 0 for a strict argmax as
           tau -> 0, log V as tau -> inf.
     """
-    _check_args(hidden, weight, bias, temperature, return_logits)
+    check_args(hidden, weight, bias, temperature, return_logits)
     resolved = resolve_backend_for(backend, "hidden", hidden)
     lead, dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     rows = hidden.reshape(-1, dim).contiguous()

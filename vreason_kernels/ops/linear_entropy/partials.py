@@ -13,9 +13,10 @@ Slices ``k = 0, 1, ...`` fold onto ``M = max_k m_k`` with ``r_k = e^{m_k - M}``,
     A = sum_k r_k A_k            B = sum_k r_k (B_k + delta_k A_k)
 
 and finish as ``H = log S - T/S``, ``dH/dh = -(B - (T/S) A) / (S tau)``. This is the
-Triton ``_merge_kernel``'s fold, in PyTorch so that it can run on partials gathered from
-other processes (the kernel folds splits inside one launch; the C++ backend folds its
-chunks inside one call and does not hand them out).
+Triton ``_merge_kernel``'s fold (``triton_splits``), in PyTorch so that it can run on
+partials gathered from other processes (the kernel folds splits inside one launch; the
+C++ backend folds its chunks inside one call and does not hand them out). A slice's own
+partials come from ``op.slice_partials``.
 
 A slice whose logits are all -inf has ``m = -inf``, ``s = t = 0``, ``A = B = 0`` and adds
 nothing (``r = delta = 0``, as the kernels' ``_rescale``).
@@ -24,8 +25,6 @@ nothing (``r = delta = 0``, as the kernels' ``_rescale``).
 from typing import NamedTuple, Optional
 
 import torch
-
-from vreason_kernels.backend import accumulator_dtype
 
 
 class Partials(NamedTuple):
@@ -36,33 +35,6 @@ class Partials(NamedTuple):
     t: torch.Tensor
     a: Optional[torch.Tensor]
     b: Optional[torch.Tensor]
-
-
-def slice_partials(hidden, weight, bias, temperature: float, need_grad: bool, return_logits: bool, backend: str):
-    """``(Partials, logits [R, V_slice] | [0])`` of the vocabulary rows in ``weight``.
-
-    ``backend="triton"`` runs the fused partials kernels (W read once) and folds their
-    splits; any other backend takes the PyTorch path, which materialises the slice's
-    logits (the C++ backend keeps its partials internal).
-    """
-    if backend == "triton" and hidden.shape[0] > 0:
-        from vreason_kernels.ops.linear_entropy import triton_kernels
-
-        stats, moments, logits = triton_kernels.forward_partials(
-            hidden, weight, bias, temperature, need_grad, return_logits
-        )
-        folded = merge_partials(Partials(*stats, *(moments if need_grad else (None, None))))
-        return folded, logits
-    from vreason_kernels.ops.linear_entropy.naive import _relative_sums
-
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    acc = accumulator_dtype(hidden.dtype)
-    m, d, e, s, t = _relative_sums(logits.to(acc) / temperature)
-    a = b = None
-    if need_grad:
-        w = weight.to(acc)
-        a, b = e @ w, (e * d) @ w
-    return Partials(m, s, t, a, b), logits if return_logits else hidden.new_empty(0)
 
 
 def _rescale(m: torch.Tensor, top: torch.Tensor):
@@ -100,22 +72,3 @@ def finish(parts: Partials, temperature: float):
     if parts.a is not None:
         dh = -(parts.b - mean[:, None] * parts.a) / (parts.s * temperature)[:, None]
     return log_s - mean, dh, parts.m, log_s
-
-
-def weight_grad_from_stats(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy,
-                           need_bias: bool):
-    """dW/db of a vocabulary slice from the WHOLE vocabulary's row statistics (PyTorch path).
-
-    ``G_rj = -g_r p_rj (z_rj - mu_r) / tau`` with ``p = e^{d - log S}``, ``z - mu = d - (log S - H)``,
-    ``d = z - M``: the rule of the fused backends' ``weight_grad``, which take the row
-    statistics as given (``naive.weight_grad`` recomputes them from its own, whole, vocabulary).
-    """
-    acc = row_max.dtype
-    z = torch.nn.functional.linear(hidden, weight, bias).to(acc) / temperature
-    live = z > float("-inf")
-    d = torch.where(live, z - row_max[:, None], torch.zeros_like(z))
-    p = torch.exp(d - log_sum[:, None])
-    scale = grad_entropy.to(acc) / temperature
-    coef = torch.where(live, -p * (d - (log_sum - entropy)[:, None]) * scale[:, None], torch.zeros_like(z))
-    grad_bias = coef.sum(0) if need_bias else None
-    return coef.transpose(0, 1) @ hidden.to(acc), grad_bias

@@ -1,6 +1,6 @@
 """``linear_entropy`` over many rows: statistics first, then the gradients as two plain products.
 
-Notation as ``triton_kernels`` (DESIGN.md §2.1). With the row statistics known (max M,
+Notation as ``triton_one_pass`` (DESIGN.md §2.1). With the row statistics known (max M,
 ``log S``, ``mu``), the gradients need no online rescale::
 
     G[r, j] = dH_r/dlogit_rj = -p_rj (z_rj - mu_r) / tau,     p_rj = e^{z_rj - M_r - log S_r}
@@ -10,7 +10,7 @@ Notation as ``triton_kernels`` (DESIGN.md §2.1). With the row statistics known 
 
 1. ``logits = h W^T + b`` into an fp32 scratch ``[C, V]`` (``triton_matmul``; W read once);
 2. ``_logit_stats_kernel``, grid ``(row blocks, vocabulary splits)``: each split's online
-   (m, s, t), folded by ``triton_kernels._merge_kernel`` into H, M, log S and mu;
+   (m, s, t), folded by ``triton_splits._merge_kernel`` into H, M, log S and mu;
 3. ``_logit_grad_kernel``, same grid: G written over the logits;
 4. ``dH/dh = G W`` (W read again), or ``dW += (g G)^T h`` and ``db += sum_r g_r G``.
 
@@ -43,10 +43,9 @@ import triton.language as tl
 
 from vreason_kernels._alloc import new_output
 from vreason_kernels.backend import sm_count_or_none, triton_interpreted
-from vreason_kernels.ops.linear_entropy.triton_kernels import (
-    _NEG_INF, _merge_blocks, _merge_kernel, _online_softmax_tile, _precision, _split_plan,
-)
 from vreason_kernels.ops.linear_entropy.triton_matmul import matmul
+from vreason_kernels.ops.linear_entropy.triton_splits import merge_splits, split_rows
+from vreason_kernels.ops.triton_utils import NEG_INF, online_softmax_tile, precision, split_plan
 
 _NAN = tl.constexpr(float("nan"))
 
@@ -60,19 +59,15 @@ def _logit_stats_kernel(x_ptr, m_ptr, s_ptr, t_ptr, R, V, tau, chunk,
 
     Written at ``[split, row]``, the layout ``_merge_kernel`` folds.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    split = tl.program_id(1)
-    v_start = split * chunk
-    v_end = tl.minimum(v_start + chunk, V)
+    rows, row_ok, split, v_start, v_end = split_rows(R, V, chunk, BLOCK_R)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * V
-    m = tl.full((BLOCK_R,), _NEG_INF, dtype=tl.float32)
+    m = tl.full((BLOCK_R,), NEG_INF, dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     t = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < v_end)[None, :], other=_NEG_INF) / tau
-        m, r, delta, e, ez = _online_softmax_tile(m, z)
+        z = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < v_end)[None, :], other=NEG_INF) / tau
+        m, r, delta, e, ez = online_softmax_tile(m, z)
         t = r * (t + delta * s) + tl.sum(ez, axis=1)
         s = r * s + tl.sum(e, axis=1)
     tl.store(m_ptr + split * R + rows, m, mask=row_ok)
@@ -103,11 +98,7 @@ def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, t
     nothing; in the forward its G is NaN, so that dH/dh = G W is 0/0 like its entropy, as
     the one-pass kernels give.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    split = tl.program_id(1)
-    v_start = split * chunk
-    v_end = tl.minimum(v_start + chunk, V)
+    rows, row_ok, split, v_start, v_end = split_rows(R, V, chunk, BLOCK_R)
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
     mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # mu - M
@@ -116,13 +107,13 @@ def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, t
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < v_end)[None, :]
-        z = tl.load(x_rows + cols[None, :], mask=mask, other=_NEG_INF) / tau
-        live = z > _NEG_INF
+        z = tl.load(x_rows + cols[None, :], mask=mask, other=NEG_INF) / tau
+        live = z > NEG_INF
         d = tl.where(live, z - row_max[:, None], 0.0)
         p = tl.where(live, tl.exp(d - log_sum[:, None]), 0.0)
         grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
         if not WEIGHTED:
-            grad = tl.where((row_max == _NEG_INF)[:, None], _NAN, grad)
+            grad = tl.where((row_max == NEG_INF)[:, None], _NAN, grad)
         tl.store(x_rows + cols[None, :], grad, mask=mask)
 
 
@@ -143,13 +134,14 @@ def _row_launch(scratch: torch.Tensor) -> tuple:
     """(grid, vocabulary rows per split, blocks) of the two row kernels over ``scratch [C, V]``."""
     rows, vocab = scratch.shape
     blocks = _rows_blocks()
-    chunk, splits = _split_plan(rows, vocab, blocks, sm_count_or_none(scratch.device))
+    chunk, splits = split_plan(vocab, blocks["BLOCK_V"], triton.cdiv(rows, blocks["BLOCK_R"]),
+                               sm_count_or_none(scratch.device), interpreter_programs=4)
     return (triton.cdiv(rows, blocks["BLOCK_R"]), splits), chunk, blocks
 
 
 def _logits(hidden, weight, bias, out):
     """``out = hidden W^T + b`` in fp32 (``out [C, V]``)."""
-    return matmul(hidden, weight.t(), out, bias=bias, precision=_precision(hidden.dtype))
+    return matmul(hidden, weight.t(), out, bias=bias, precision=precision(hidden.dtype))
 
 
 def _stats(scratch, temperature, entropy, row_max, log_sum, mean):
@@ -157,22 +149,21 @@ def _stats(scratch, temperature, entropy, row_max, log_sum, mean):
     grid, chunk, blocks = _row_launch(scratch)
     rows, vocab = scratch.shape
     stats = torch.empty((3, grid[1], rows), dtype=torch.float32, device=scratch.device)
-    _logit_stats_kernel[grid](scratch, stats[0], stats[1], stats[2], rows, vocab, float(temperature), chunk,
-                              num_warps=4, **blocks)
-    merge = _merge_blocks()
-    _merge_kernel[(triton.cdiv(rows, merge["BLOCK_R"]), 1)](
-        stats[0], stats[1], stats[2], stats[0], stats[0], entropy, row_max, log_sum, mean, entropy,
-        rows, 0, grid[1], float(temperature), NEED_GRAD=False, STORE_MEAN=True, **merge,
+    _logit_stats_kernel[grid](
+        x_ptr=scratch, m_ptr=stats[0], s_ptr=stats[1], t_ptr=stats[2],
+        R=rows, V=vocab, tau=float(temperature), chunk=chunk, num_warps=4, **blocks,
     )
+    merge_splits(stats, temperature, entropy, row_max, log_sum, mean=mean)
 
 
 def _logit_grad(scratch, temperature, row_max, log_sum, mean, weights=None):
     """G over the stored logits; ``weights``: the rows' g (the weight gradient), else 1."""
     grid, chunk, blocks = _row_launch(scratch)
     rows, vocab = scratch.shape
-    _logit_grad_kernel[grid](scratch, row_max, log_sum, mean, mean if weights is None else weights,
-                             rows, vocab, float(temperature), chunk, WEIGHTED=weights is not None,
-                             num_warps=4, **blocks)
+    _logit_grad_kernel[grid](
+        x_ptr=scratch, row_max_ptr=row_max, log_sum_ptr=log_sum, mean_ptr=mean, g_ptr=weights,
+        R=rows, V=vocab, tau=float(temperature), chunk=chunk, WEIGHTED=weights is not None, num_warps=4, **blocks,
+    )
 
 
 def _chunks(hidden, vocab):
@@ -186,7 +177,7 @@ def _chunks(hidden, vocab):
 
 
 def forward(hidden, weight, bias, temperature: float, return_logits: bool):
-    """``triton_kernels.forward``'s outputs with the gradient, for ``rows >= 1``."""
+    """``triton_backend.forward``'s outputs with the gradient, for ``rows >= 1``."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -201,12 +192,12 @@ def forward(hidden, weight, bias, temperature: float, return_logits: bool):
             logits[part].copy_(scratch)
         _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[part])
         _logit_grad(scratch, temperature, row_max[part], log_sum[part], mean[part])
-        matmul(scratch, weight, dh[part], precision=_precision(hidden.dtype), split_k=True)
+        matmul(scratch, weight, dh[part], precision=precision(hidden.dtype), split_k=True)
     return entropy, dh, row_max, log_sum, logits
 
 
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
-    """``triton_kernels.weight_grad``: the logits once per chunk, then ``dW += (g G)^T h``.
+    """``triton_backend.weight_grad``: the logits once per chunk, then ``dW += (g G)^T h``.
 
     The row statistics are the caller's, not taken again from these logits: a slice of a
     vocabulary-parallel head (``vreason_kernels.distributed``) holds only its own columns,
@@ -222,7 +213,7 @@ def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entr
         _logits(hidden[part], weight, bias, scratch)
         _logit_grad(scratch, temperature, row_max[part], log_sum[part], log_sum[part] - entropy[part],
                     weights=grad_entropy[part])
-        matmul(scratch.t(), hidden[part], grad_weight, precision=_precision(hidden.dtype), accumulate=start > 0)
+        matmul(scratch.t(), hidden[part], grad_weight, precision=precision(hidden.dtype), accumulate=start > 0)
         if need_bias:
             if start == 0:
                 torch.sum(scratch, dim=0, out=grad_bias)

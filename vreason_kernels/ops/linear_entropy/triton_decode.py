@@ -1,6 +1,6 @@
 """The T=1 (decode) partials kernel of ``linear_entropy``: W streamed once, A/B on chip.
 
-Same sums as ``triton_kernels._forward_partials_kernel`` (DESIGN.md §2.1), for one row::
+Same sums as ``triton_one_pass._forward_partials_kernel`` (DESIGN.md §2.1), for one row::
 
     s = sum e^{z_j - m}        t = sum e^{z_j - m} (z_j - m)
     A = sum e^{z_j - m} w_j    B = sum e^{z_j - m} (z_j - m) w_j
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vreason_kernels.backend import triton_interpreted
-from vreason_kernels.ops.linear_entropy.triton_kernels import _NEG_INF, _rescale
+from vreason_kernels.ops.triton_utils import NEG_INF, online_softmax_tile
 
 # Elements of one W tile: 16K values (32 KB of bf16) keeps a few loads in flight per SM
 # without the tile crowding out h/A/B from the registers. Under the interpreter, small
@@ -59,7 +59,8 @@ def _decode_partials_kernel(
     v_start = split * chunk
     v_end = tl.minimum(v_start + chunk, V)
 
-    m = tl.full((1,), _NEG_INF, dtype=tl.float32)
+    # The row is a [1, BLOCK_V] tile of the shared online-softmax step: m, s, t are [1].
+    m = tl.full((1,), NEG_INF, dtype=tl.float32)
     s = tl.zeros((1,), dtype=tl.float32)
     t = tl.zeros((1,), dtype=tl.float32)
     a = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -72,23 +73,15 @@ def _decode_partials_kernel(
         logits = tl.sum(w * h[None, :], axis=1)
         if HAS_BIAS:
             logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        logits = tl.where(col_ok, logits, _NEG_INF)
+        logits = tl.where(col_ok, logits, NEG_INF)
         if STORE_LOGITS:
             tl.store(logits_ptr + cols, logits.to(logits_ptr.dtype.element_ty), mask=col_ok)
-        z = logits / tau
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        r, delta = _rescale(m, m_new)
-        live = z > _NEG_INF
-        m_live = tl.where(m_new > _NEG_INF, m_new, 0.0)
-        zc = tl.where(live, z - m_live, 0.0)
-        e = tl.where(live, tl.exp(zc), 0.0)
-        ez = e * zc
+        m, r, delta, e, ez = online_softmax_tile(m, (logits / tau)[None, :])
         if NEED_GRAD:
-            b = r * (b + delta * a) + tl.sum(ez[:, None] * w, axis=0)
-            a = r * a + tl.sum(e[:, None] * w, axis=0)
-        t = r * (t + delta * s) + tl.sum(ez, axis=0)
-        s = r * s + tl.sum(e, axis=0)
-        m = m_new
+            b = r * (b + delta * a) + tl.sum(tl.trans(ez) * w, axis=0)
+            a = r * a + tl.sum(tl.trans(e) * w, axis=0)
+        t = r * (t + delta * s) + tl.sum(ez, axis=1)
+        s = r * s + tl.sum(e, axis=1)
     one = tl.arange(0, 1)
     tl.store(m_ptr + split + one, m)
     tl.store(s_ptr + split + one, s)
@@ -124,12 +117,14 @@ def decode_kernel_applies(rows: int, dim: int) -> bool:
     return rows == 1 and dim <= MAX_DIM and os.environ.get("VREASON_LINEAR_ENTROPY_DECODE_KERNEL", "1") != "0"
 
 
-def launch_partials(hidden, weight, bias, logits, stats, moments, temperature, chunk, blocks, need_grad, return_logits):
-    """Write one split's (m, s, t) to ``stats[:, split, 0]`` and (A, B) to ``moments[:, split, 0]``."""
+def launch_partials(hidden, weight, bias, logits, stats, moments, temperature: float, chunk: int, blocks: dict):
+    """Write each split's (m, s, t) to ``stats[:, split, 0]`` and, given ``moments``, its
+    (A, B) to ``moments[:, split, 0]``; given ``logits``, the logits."""
     _decode_partials_kernel[(stats.shape[1],)](
-        hidden, weight, hidden if bias is None else bias, logits if return_logits else hidden,
-        stats[0], stats[1], stats[2], moments[0], moments[1],
-        weight.shape[0], hidden.shape[1], weight.stride(0), float(temperature), chunk,
-        HAS_BIAS=bias is not None, NEED_GRAD=need_grad, STORE_LOGITS=return_logits,
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, logits_ptr=logits,
+        m_ptr=stats[0], s_ptr=stats[1], t_ptr=stats[2],
+        a_ptr=None if moments is None else moments[0], bb_ptr=None if moments is None else moments[1],
+        V=weight.shape[0], D=hidden.shape[1], stride_w=weight.stride(0), tau=float(temperature), chunk=chunk,
+        HAS_BIAS=bias is not None, NEED_GRAD=moments is not None, STORE_LOGITS=logits is not None,
         num_warps=decode_num_warps(**blocks), num_stages=NUM_STAGES, **blocks,
     )

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vreason_kernels.backend import sm_count_or_none, triton_interpreted
+from vreason_kernels.ops.triton_utils import split_plan, tuned
 
 
 @triton.jit
@@ -69,16 +70,7 @@ def _matmul_kernel(
     tl.store(c, acc, mask=mask)
 
 
-def _configs() -> list:
-    if triton_interpreted():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    # 3 stages of the largest tiles (128 x 64 + 64 x 128 at 2 bytes, or 128 x 32 + 32 x 128
-    # at 4) take 96 KB of shared memory: within A100's 163 KB.
-    return [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)]
-
-
-_matmul = triton.autotune(configs=_configs(), key=[] if triton_interpreted() else
-                          ["BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "HAS_BIAS", "ACCUMULATE"])(_matmul_kernel)
+_matmul = tuned(key=["BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "HAS_BIAS", "ACCUMULATE"])(_matmul_kernel)
 
 
 def matmul_blocks(rows: int, upcast: bool) -> dict:
@@ -96,10 +88,7 @@ def matmul_blocks(rows: int, upcast: bool) -> dict:
 def split_k_plan(tiles: int, k: int, block_k: int, sm_count) -> tuple:
     """(K per split, splits): enough programs to fill the GPU twice over (4 under the
     interpreter), each split at least 4 K tiles long. Shapes and SM count only."""
-    programs = 4 if sm_count is None else 2 * sm_count
-    splits = max(1, min(triton.cdiv(programs, tiles), triton.cdiv(k, 4 * block_k)))
-    k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    return k_split, triton.cdiv(k, k_split)
+    return split_plan(k, block_k, tiles, sm_count, interpreter_programs=4, min_tiles=4)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, precision: str, bias=None,
@@ -124,9 +113,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, precision: st
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=out.device)
     stride_s, stride_m, stride_n = (0, *out.stride()) if splits == 1 else target.stride()
     _matmul[(tiles, splits)](
-        a, b, a if bias is None else bias, target,
-        m, n, k, k_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_s, stride_m, stride_n,
+        a_ptr=a, b_ptr=b, bias_ptr=bias, c_ptr=target,
+        M=m, N=n, K=k, k_split=k_split,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
+        stride_cs=stride_s, stride_cm=stride_m, stride_cn=stride_n,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=upcast, PRECISION=precision, **blocks,
     )
     if splits > 1:

@@ -12,11 +12,13 @@ in position order, so the same input always keeps the same positions.
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from vreason_kernels._checks import (
+    as_positions,
     check_device_type,
     check_number,
     check_positions,
@@ -24,6 +26,7 @@ from vreason_kernels._checks import (
     check_same,
     check_tensor,
 )
+from vreason_kernels.backend import resolve_backend
 
 # keep_ratio * S is rounded up; the tolerance stops float error (0.3 * 10 = 3.0000000000000004)
 # from keeping one row more than the ratio means.
@@ -56,13 +59,22 @@ def _kept_positions(value: Tensor, span: Tensor, n_keep: int) -> Tensor:
     return torch.arange(n, device=value.device).expand(b, n)[keep].view(b, n - span.numel() + n_keep)
 
 
-def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+_MISSING = object()
+
+
+def prune_kv(key: Tensor, value: Tensor, span, *args, keep_ratio: float = _MISSING, backend: str = "auto"):
     """Drop the span positions with the smallest value norm from one layer's KV cache.
 
     Args:
         key, value: ``[B, Hkv, N, D]`` (HF cache layout), same shape, dtype and device.
-        span: int32/int64 ``[S]``, sorted unique positions in ``[0, N)`` (e.g. the video tokens).
-        keep_ratio: in ``(0, 1]``; ``ceil(keep_ratio * S)`` span positions are kept.
+        span: sorted unique positions in ``[0, N)`` (e.g. the video tokens): an int32/int64
+            ``[S]`` tensor, or a list, tuple or ``range`` of ints.
+        keep_ratio: keyword, in ``(0, 1]``; ``ceil(keep_ratio * S)`` span positions are
+            kept. Passing it positionally still works for this release, with a
+            ``DeprecationWarning``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``, checked against the
+            tensors' device as for the other ops; the op is a sort and a gather, which
+            every backend runs in PyTorch.
 
     Returns:
         ``(key, value, kept_positions)``: key/value ``[B, Hkv, N_kept, D]`` with
@@ -73,6 +85,7 @@ def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tup
         head_dim); equal norms favour the earlier position. With nothing to drop the
         input tensors are returned as they are.
     """
+    keep_ratio = _keep_ratio_argument(args, keep_ratio)
     check_tensor("key", key, ndim=4)
     check_tensor("value", value, ndim=4)
     if key.shape != value.shape:
@@ -81,7 +94,9 @@ def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tup
         )
     check_device_type("key", key)
     check_same("dtype", "key", key, [("value", value)])
-    check_same("device", "key", key, [("value", value), ("span", span if isinstance(span, Tensor) else None)])
+    span = as_positions("span", span, key.device)
+    check_same("device", "key", key, [("value", value), ("span", span)])
+    resolve_backend(backend, key.device)
     b, _, n, _ = key.shape
     span = _check_span(span, n)
     n_keep = _keep_count(keep_ratio, span.numel())
@@ -90,6 +105,21 @@ def prune_kv(key: Tensor, value: Tensor, span: Tensor, keep_ratio: float) -> tup
     kept = _kept_positions(value, span, n_keep)
     index = kept[:, None, :, None].expand(b, key.shape[1], kept.shape[1], key.shape[3])
     return key.gather(2, index), value.gather(2, index), kept
+
+
+def _keep_ratio_argument(args: tuple, keep_ratio):
+    """``keep_ratio`` from the keyword, or (deprecated) the one positional argument after ``span``."""
+    if len(args) > 1:
+        raise TypeError(f"prune_kv takes key, value and span positionally, got {3 + len(args)} positional arguments")
+    if args:
+        if keep_ratio is not _MISSING:
+            raise TypeError("prune_kv got keep_ratio both positionally and as a keyword")
+        warnings.warn("prune_kv: pass keep_ratio as a keyword (prune_kv(key, value, span, keep_ratio=...)); "
+                      "the positional form goes in the next release", DeprecationWarning, stacklevel=3)
+        return args[0]
+    if keep_ratio is _MISSING:
+        raise TypeError("prune_kv missing the keyword argument keep_ratio")
+    return keep_ratio
 
 
 def prune_cache(cache, span: Tensor, keep_ratio: float) -> Tensor:
@@ -123,7 +153,7 @@ def prune_cache(cache, span: Tensor, keep_ratio: float) -> Tensor:
             raise ValueError(f"cache layer {i} is empty; prune after prefill")
     kept = []
     for layer in layers:
-        layer.keys, layer.values, positions = prune_kv(layer.keys, layer.values, span, keep_ratio)
+        layer.keys, layer.values, positions = prune_kv(layer.keys, layer.values, span, keep_ratio=keep_ratio)
         kept.append(positions)
     return torch.stack(kept)
 
@@ -137,6 +167,7 @@ def pruned_span(kept_positions: Tensor, span: Tensor) -> Tensor:
     cannot describe it.
     """
     check_tensor("kept_positions", kept_positions, min_ndim=1, floating=False)
+    span = as_positions("span", span, kept_positions.device)
     check_tensor("span", span, ndim=1, floating=False)
     in_span = torch.isin(kept_positions, span.to(kept_positions.device))
     rows = in_span.reshape(-1, in_span.shape[-1])

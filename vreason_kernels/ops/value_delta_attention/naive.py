@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-EPS = 1e-6
+from vreason_kernels.ops.value_delta_attention.contract import EPS, mask_to_bias
 
 
 def row_norm(x: torch.Tensor) -> torch.Tensor:
@@ -42,16 +42,6 @@ def modulate_rows(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """v' = (v + delta) ||v|| / max(||v + delta||, eps) row-wise over the last dim."""
     u = value + delta
     return u * (row_norm(value) / row_norm(u).clamp_min(EPS))
-
-
-def mask_to_bias(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Boolean mask (True = attend, as in SDPA) -> additive 0 / -inf; additive masks pass through."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-        return torch.where(attention_mask, zero, float("-inf"))
-    return attention_mask.to(dtype)
 
 
 def causal_bias(t: int, n: int, device, dtype: torch.dtype) -> torch.Tensor:
@@ -110,7 +100,7 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _span_rows(value, delta_v, span_index):
+def _span_rows(delta_v, span_index):
     """(in_span [N, 1] bool, delta gathered onto positions [B, Hkv, N, D], 0 off the span)."""
     in_span = (span_index >= 0).unsqueeze(-1)
     delta = _acc(delta_v).index_select(2, span_index.clamp_min(0).long())
@@ -121,7 +111,7 @@ def _modulated_values(value, delta_v, span_index) -> torch.Tensor:
     v = _acc(value)
     if delta_v is None or delta_v.shape[2] == 0:
         return v
-    in_span, delta = _span_rows(v, delta_v, span_index)
+    in_span, delta = _span_rows(delta_v, span_index)
     return torch.where(in_span, modulate_rows(v, delta), v)
 
 
@@ -188,7 +178,7 @@ def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale:
         return grad_query, grad_query.new_zeros(delta_v.shape)
     grad_v = p.transpose(-1, -2) @ do  # [B, Hkv, N, D], summed over the group's rows
     v = _acc(value)
-    in_span, delta = _span_rows(v, delta_v, span_index)
+    in_span, delta = _span_rows(delta_v, span_index)
     u = v + delta
     n = row_norm(u).clamp_min(EPS)
     u_hat = u / n

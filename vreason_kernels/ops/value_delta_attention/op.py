@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vreason_kernels._checks import (
+    as_positions,
     check_bool,
     check_device_type,
     check_number,
@@ -25,7 +26,8 @@ from vreason_kernels._checks import (
     check_tensor,
 )
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend_for
-from vreason_kernels.ops.value_delta_attention.naive import mask_to_bias
+from vreason_kernels.ops.value_delta_attention.contract import mask_to_bias
+
 
 def _backend_impl(backend: str):
     return backend_module(__package__, backend)
@@ -139,7 +141,9 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal) -> None:
+def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal) -> tuple:
+    """Check every argument; return ``(span, attention_mask)`` in the forms the op takes
+    (``as_positions``, ``_padding_mask``)."""
     check_tensor("query", query, ndim=4)
     check_device_type("query", query)
     check_tensor("key", key, ndim=4)
@@ -157,6 +161,10 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
         )
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads Hq = {hq} must be a multiple of key/value heads Hkv = {hkv} (GQA)")
+    if span is not None:
+        span = as_positions("span", span, query.device)
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, floating=False)
     tensors = [("key", key), ("value", value), ("delta_v", delta_v)]
     check_same("dtype", "query", query, tensors)
     check_same("device", "query", query, tensors + [("span", span), ("attention_mask", attention_mask)])
@@ -171,9 +179,8 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
                 f"delta_v must have shape [B, Hkv, S, D] = {[b, hkv, span.shape[0], d]}, got {tuple(delta_v.shape)}"
             )
     if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask, floating=False)
         if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
-            raise TypeError(f"attention_mask must be boolean or floating (additive), got {attention_mask.dtype}")
+            attention_mask = _padding_mask(attention_mask, b, n)
         ok = attention_mask.dim() <= 4 and all(
             s in (1, full) for s, full in zip(attention_mask.shape[::-1], (n, t, hq, b))
         )
@@ -191,6 +198,24 @@ def _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
                 f"{name} requires grad, but value_delta_attention is differentiable only in query and delta_v; "
                 f"pass {name}.detach() (the KV cache is frozen)"
             )
+    return span, attention_mask
+
+
+def _padding_mask(mask: Tensor, b: int, n: int) -> Tensor:
+    """An integer ``attention_mask`` is transformers' 2-D padding mask: ``[B, N]`` of 1
+    (attend) and 0 (padding), the same for every head and query. Returned as a boolean
+    ``[B, 1, 1, N]``. On CUDA its values are checked on the device (no host sync)."""
+    if mask.is_complex() or mask.dim() != 2 or tuple(mask.shape) != (b, n):
+        raise TypeError(
+            "attention_mask must be boolean (True = attend), floating (additive) or an integer 0/1 padding mask "
+            f"[B, N] = [{b}, {n}], got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    binary = ((mask == 0) | (mask == 1)).all()
+    if mask.is_cuda:
+        torch._assert_async(binary, "an integer attention_mask must hold only 0 and 1")
+    elif not bool(binary):
+        raise ValueError("attention_mask: an integer padding mask must hold only 0 (padding) and 1 (attend)")
+    return mask.bool()[:, None, None, :]
 
 
 def _last_dim_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -219,9 +244,12 @@ def value_delta_attention(
             ``(v + delta_v[..., j, :]) ||v|| / max(||v + delta_v[..., j, :]||, 1e-6)``.
             ``None`` gives plain attention. The modulated V is never materialised by the
             fused backends.
-        span: int32/int64 ``[S]``, sorted unique positions in ``[0, N)``.
+        span: sorted unique positions in ``[0, N)``: an int32/int64 ``[S]`` tensor, or a
+            list, tuple or ``range`` of ints.
         attention_mask: optional boolean (True = attend) or additive float mask
-            broadcastable to ``[B, 1 | Hq, T, N]``, as transformers passes it to SDPA.
+            broadcastable to ``[B, 1 | Hq, T, N]``, as transformers passes it to SDPA; or
+            an integer 0/1 padding mask ``[B, N]`` (transformers' 2-D ``attention_mask``:
+            1 = attend), applied to every head and query.
         scale: score scale, default ``1 / sqrt(D)``. Scores ``scale q.k`` that overflow
             float32 raise ``ValueError`` on CPU; on CUDA their rows come out NaN.
         causal: bottom-right aligned causal mask (query t sees key i iff i <= t + N - T).
@@ -232,7 +260,7 @@ def value_delta_attention(
         in ``query`` and ``delta_v``. NaN/Inf inputs are not checked (that would cost a
         pass over the cache every step): they propagate to NaN rows, as in PyTorch.
     """
-    _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
+    span, attention_mask = _check_args(query, key, value, delta_v, span, attention_mask, scale, causal)
     resolved = resolve_backend_for(backend, "query", query)
     b, hq, t, d = query.shape
     n = key.shape[2]

@@ -41,16 +41,13 @@ backward's ``P = e^{s - lse}`` is then e^{-inf} = 0 (see ``_finite_or_zero``) (a
 finite lse), so those rows get zero gradients without a special case.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from vreason_kernels._alloc import new_output
-from vreason_kernels.backend import sm_count_or_none, triton_interpreted
-from vreason_kernels.ops.value_delta_attention.naive import EPS
+from vreason_kernels.ops.triton_utils import NEG_INF
+from vreason_kernels.ops.value_delta_attention.contract import EPS
 
 # Kernels may read module globals only as tl.constexpr (a GPU compile rejects a plain float).
-_NEG_INF = tl.constexpr(float("-inf"))
 _INF = tl.constexpr(float("inf"))
 _EPS = tl.constexpr(EPS)
 
@@ -127,7 +124,7 @@ def _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, 
         s += tl.load(bias_ptr + offs + cols.to(tl.int64)[None, :] * stride_bn, mask=ok, other=0.0)
     if CAUSAL:
         ok = ok & (cols[None, :] <= t[:, None] + (N - T))
-    return tl.where(ok, s, _NEG_INF)
+    return tl.where(ok, s, NEG_INF)
 
 
 @triton.jit
@@ -137,7 +134,7 @@ def _finite_or_zero(m):
     Such a row's scores are all -inf, so e^{s - 0} = 0 and e^{m_old - 0} = 0 as they
     should be, and -inf - (-inf) = NaN is never formed. Otherwise m is finite and used.
     """
-    return tl.where(m > _NEG_INF, m, 0.0)
+    return tl.where(m > NEG_INF, m, 0.0)
 
 
 @triton.jit
@@ -150,6 +147,17 @@ def _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.conste
     d_ok = ds < D
     offs = (pid_bh.to(tl.int64) * G * T + rows)[:, None] * D + ds[None, :]
     return rows, row_ok, rows % T, head, offs, ds, d_ok
+
+
+@triton.jit
+def _kv_head(pid_bh, Hkv, S, D, stride_kb, stride_kh, stride_vb, stride_vh, stride_bb):
+    """The prologue every kernel shares: the element offsets of program ``pid_bh``'s
+    (batch, kv-head) in K and V, in delta (``[B Hkv, S, D]``, contiguous) and its batch
+    row in the additive mask."""
+    b = (pid_bh // Hkv).to(tl.int64)
+    kv = (pid_bh % Hkv).to(tl.int64)
+    return (b * stride_kb + kv * stride_kh, b * stride_vb + kv * stride_vh, pid_bh.to(tl.int64) * S * D,
+            b * stride_bb)
 
 
 @triton.jit
@@ -183,18 +191,14 @@ def _forward_kernel(
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
-    b = pid_bh // Hkv
-    kv = pid_bh % Hkv
     rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
-    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-    dlt_off = pid_bh.to(tl.int64) * S * D
-    bias_off = b.to(tl.int64) * stride_bb
+    k_off, v_off, dlt_off, bias_off = _kv_head(pid_bh, Hkv, S, D, stride_kb, stride_kh, stride_vb, stride_vh,
+                                               stride_bb)
 
     n_start = split * chunk
     n_end = tl.minimum(n_start + chunk, _last_visible(t, row_ok, N, T, CAUSAL))
-    m = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    m = tl.full((BLOCK_M,), NEG_INF, dtype=tl.float32)
     m_old = m
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -251,7 +255,7 @@ def _finish(out_ptr, lse_ptr, offs, lse_offs, mask, row_ok, acc, m, l):
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out = _bf16_nearest(out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_ptr + lse_offs, tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), _NEG_INF), mask=row_ok)
+    tl.store(lse_ptr + lse_offs, tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), NEG_INF), mask=row_ok)
 
 
 @triton.jit
@@ -264,15 +268,15 @@ def _merge_kernel(acc_ptr, ml_ptr, out_ptr, lse_ptr, Hkv, G, T, D, SPLITS,
     rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
     mask = row_ok[:, None] & d_ok[None, :]
     num_bh = tl.num_programs(0)
-    m_max = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    m_max = tl.full((BLOCK_M,), NEG_INF, dtype=tl.float32)
     for k in range(SPLITS):
         stat = 2 * ((k * num_bh + pid_bh).to(tl.int64) * G * T + rows)
-        m_max = tl.maximum(m_max, tl.load(ml_ptr + stat, mask=row_ok, other=_NEG_INF))
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + stat, mask=row_ok, other=NEG_INF))
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k in range(SPLITS):
         stat = 2 * ((k * num_bh + pid_bh).to(tl.int64) * G * T + rows)
-        m_k = tl.load(ml_ptr + stat, mask=row_ok, other=_NEG_INF)
+        m_k = tl.load(ml_ptr + stat, mask=row_ok, other=NEG_INF)
         r = tl.exp(m_k - _finite_or_zero(m_max))
         l += r * tl.load(ml_ptr + stat + 1, mask=row_ok, other=0.0)
         acc += r[:, None] * tl.load(acc_ptr + k * num_bh.to(tl.int64) * G * T * D + offs, mask=mask, other=0.0)
@@ -338,14 +342,10 @@ def _backward_dv_kernel(
     """
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = pid_bh // Hkv
-    kv = pid_bh % Hkv
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
-    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
-    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-    dlt_off = pid_bh.to(tl.int64) * S * D
-    bias_off = b.to(tl.int64) * stride_bb
+    k_off, v_off, dlt_off, bias_off = _kv_head(pid_bh, Hkv, S, D, stride_kb, stride_kh, stride_vb, stride_vh,
+                                               stride_bb)
     n_start = pid_n * chunk
     n_end = tl.minimum(n_start + chunk, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -356,8 +356,11 @@ def _backward_dv_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
         k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
-        v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
-        v_mod = _modulated(v, u, in_span)
+        if HAS_DELTA:
+            v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
+            v_mod = _modulated(v, u, in_span)
+        else:
+            v_mod = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
         grad_v = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for r0 in range(0, G * T, BLOCK_M):
             rows, row_ok, t, head, offs, _, _ = _rows(pid_bh, r0 // BLOCK_M, Hkv, G, T, D, BLOCK_M, BLOCK_D)
@@ -430,15 +433,11 @@ def _backward_dq_kernel(
     with D found on the way: ``_centred_dq_step``)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = pid_bh // Hkv
-    kv = pid_bh % Hkv
     rows, row_ok, t, head, offs, ds, d_ok = _rows(pid_bh, pid_m, Hkv, G, T, D, BLOCK_M, BLOCK_D)
     mask = row_ok[:, None] & d_ok[None, :]
     lse_offs = pid_bh.to(tl.int64) * G * T + rows
-    k_off = b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
-    v_off = b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-    dlt_off = pid_bh.to(tl.int64) * S * D
-    bias_off = b.to(tl.int64) * stride_bb
+    k_off, v_off, dlt_off, bias_off = _kv_head(pid_bh, Hkv, S, D, stride_kb, stride_kh, stride_vb, stride_vh,
+                                               stride_bb)
     do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     n_end = _last_visible(t, row_ok, N, T, CAUSAL)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -459,167 +458,3 @@ def _backward_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dq, kbar, total, mass = _centred_dq_step(p, dp, k, dq, kbar, total, mass, PRECISION)
     tl.store(dq_ptr + offs, dq * scale, mask=mask)
-
-
-# ----------------------------------------------------------------------------------------
-# Launch configuration
-# ----------------------------------------------------------------------------------------
-
-# Interpreter tiles are small so that test shapes (N ~ 70-300) still span several tiles
-# and splits.
-_MAX_FUSED_ROWS = 64
-
-
-def _fp32_prefill(rows: int, dtype: torch.dtype) -> bool:
-    """fp32 inputs (PRECISION=ieee) on the row-tiled path: the tiles that need their own config."""
-    return dtype == torch.float32 and rows > _MAX_FUSED_ROWS and not triton_interpreted()
-
-
-def _blocks(rows: int, dim: int, dtype: torch.dtype, backward: bool = False) -> dict:
-    """Tiles (tl.dot needs every dim >= 16). All packed rows of a group in one tile when
-    they fit (decode), so each K/V tile is loaded once for the whole group.
-
-    Key tiles are 32 wide on the GPU (16 for decode at D <= 64): K, V, V' and delta are
-    upcast to fp32 at load, and 64-key tiles spilled registers on the decode path and
-    overflowed A100 shared memory in prefill (benchmarks/results/triton_resources.md).
-    fp32 prefill takes 32 x 16 tiles: ieee products hold full fp32 operands, and at
-    64 x 32 ptxas spilled up to 8 KB per thread in _backward_dq_kernel. The bf16/fp16
-    prefill backward takes 32-row tiles: at 64, _backward_dq_kernel spilled 1.4 KB per
-    thread on sm_80 (200 B on sm_90); the forward at 64 rows does not spill.
-    """
-    interpreted = triton_interpreted()
-    fused = rows <= _MAX_FUSED_ROWS
-    block_d = max(16, triton.next_power_of_2(dim))
-    if _fp32_prefill(rows, dtype):
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d)
-    if fused:
-        block_m = max(16, triton.next_power_of_2(rows))
-    else:
-        block_m = 16 if interpreted else (32 if backward else 64)
-    block_n = 16 if interpreted or (fused and block_d <= 64) else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-
-
-# 8 warps for every tile: with 4, ptxas spilled even the 16 x 64 fp32 decode tiles.
-_LAUNCH_OPTS = dict(num_warps=8, num_stages=2)
-
-
-def _launch_opts(rows: int, dtype: torch.dtype) -> dict:
-    """No software pipelining for fp32 prefill: its second stage of fp32 K/V buffers
-    spilled registers (up to 0.6 KB per thread) even at 32 x 16 tiles."""
-    return dict(_LAUNCH_OPTS, num_stages=1) if _fp32_prefill(rows, dtype) else _LAUNCH_OPTS
-
-
-def _chunk(programs: int, n: int, block_n: int, sm_count) -> int:
-    """Keys per split: enough splits to fill the GPU twice over (sm_count None: the
-    interpreter's 3), each a whole number of tiles."""
-    target = 3 if sm_count is None else 2 * sm_count
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(n, block_n)))
-    return triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 holds bf16/fp16 values exactly; fp32 inputs need full-precision products.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _common_args(key, value, delta_v, span_index, attn_bias, query):
-    """Pointer and stride arguments shared by the kernels (dummies where absent)."""
-    bias = attn_bias if attn_bias is not None else query.new_zeros((1, 1, 1, 1), dtype=torch.float32)
-    return dict(
-        pointers=(key, value, query if delta_v is None else delta_v, span_index, bias),
-        strides=(*key.stride()[:3], *value.stride()[:3], *bias.stride()),
-    )
-
-
-def _shape(query, key, delta_v):
-    b, hq, t, d = query.shape
-    hkv, n = key.shape[1], key.shape[2]
-    s = 0 if delta_v is None else delta_v.shape[2]
-    return b, hkv, hq // hkv, t, n, d, s
-
-
-# ----------------------------------------------------------------------------------------
-# Backend contract (see naive.py)
-# ----------------------------------------------------------------------------------------
-
-
-def forward(query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, num_splits=None):
-    """(out [B, Hq, T, D] in query's dtype, lse f32 [B, Hq, T]).
-
-    ``num_splits`` overrides the N split count (tests of the merge).
-    """
-    b, hkv, g, t, n, d, s = _shape(query, key, delta_v)
-    query = query.contiguous()
-    delta_v = None if delta_v is None or s == 0 else delta_v.contiguous()
-    out = new_output(query.shape, dtype=query.dtype, device=query.device)
-    lse = new_output((b, hkv * g, t), dtype=torch.float32, device=query.device)
-    blocks = _blocks(g * t, d, query.dtype)
-    row_tiles = triton.cdiv(g * t, blocks["BLOCK_M"])
-    if num_splits is None:
-        chunk = _chunk(b * hkv * row_tiles, n, blocks["BLOCK_N"], sm_count_or_none(query.device))
-    else:
-        chunk = triton.cdiv(triton.cdiv(n, num_splits), blocks["BLOCK_N"]) * blocks["BLOCK_N"]
-    splits = triton.cdiv(n, chunk)
-    f32 = dict(dtype=torch.float32, device=query.device)
-    acc = torch.empty((splits, b * hkv * g * t * d) if splits > 1 else (0,), **f32)  # fully written
-    ml = torch.empty((splits, b * hkv * g * t, 2) if splits > 1 else (0,), **f32)
-    args = _common_args(key, value, delta_v, span_index, attn_bias, query)
-    opts = _launch_opts(g * t, query.dtype)
-    _forward_kernel[(b * hkv, row_tiles, splits)](
-        query, *args["pointers"], out, lse, acc, ml,
-        hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
-        HAS_DELTA=delta_v is not None, HAS_BIAS=attn_bias is not None, CAUSAL=causal, SPLIT=splits > 1,
-        PRECISION=_precision(query.dtype), **blocks, **opts,
-    )
-    if splits > 1:
-        _merge_kernel[(b * hkv, row_tiles)](
-            acc, ml, out, lse, hkv, g, t, d, splits,
-            BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **opts,
-        )
-    return out, lse
-
-
-def backward(grad_out, query, key, value, delta_v, span_index, attn_bias, scale: float, causal: bool, lse):
-    """(grad_query f32 [B, Hq, T, D], grad_delta_v f32 [B, Hkv, S, D] | [0])."""
-    b, hkv, g, t, n, d, s = _shape(query, key, delta_v)
-    device = query.device
-    f32 = dict(dtype=torch.float32, device=device)
-    query, grad_out, lse = query.contiguous(), grad_out.contiguous(), lse.contiguous()
-    grad_delta = new_output(delta_v.shape if delta_v is not None else (0,), **f32)
-    has_delta = delta_v is not None and s > 0
-    delta_v = delta_v.contiguous() if has_delta else None
-    blocks = _blocks(g * t, d, query.dtype, backward=True)
-    fuse_dq = g * t <= blocks["BLOCK_M"]
-    args = _common_args(key, value, delta_v, span_index, attn_bias, query)
-    common = dict(HAS_BIAS=attn_bias is not None, CAUSAL=causal, PRECISION=_precision(query.dtype),
-                  **blocks, **_launch_opts(g * t, query.dtype))
-    # Decode: few key chunks, each summing its dQ partial over many tiles; prefill: one
-    # key tile per program, which then loops over thousands of rows.
-    chunk = _chunk(b * hkv, n, blocks["BLOCK_N"], sm_count_or_none(device)) if fuse_dq else blocks["BLOCK_N"]
-    chunks = triton.cdiv(n, chunk)
-    rows = b * hkv * g * t
-    # Fully written when fuse_dq (every chunk stores every row), unused otherwise.
-    dq_parts = torch.empty((chunks, rows * d) if fuse_dq else (0,), **f32)
-    kbar_parts = torch.empty_like(dq_parts)
-    stats = torch.empty((chunks, rows, 2) if fuse_dq else (0,), **f32)
-    if has_delta or fuse_dq:
-        _backward_dv_kernel[(b * hkv, chunks)](
-            query, *args["pointers"], grad_out, lse, grad_delta, dq_parts, kbar_parts, stats,
-            hkv, g, t, n, d, s, chunk, float(scale), *args["strides"],
-            HAS_DELTA=has_delta, FUSE_DQ=fuse_dq, **common,
-        )
-    if fuse_dq:
-        grad_query = new_output(query.shape, **f32)
-        _merge_dq_kernel[(b * hkv, 1)](
-            dq_parts, kbar_parts, stats, grad_query, hkv, g, t, d, chunks, float(scale),
-            BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **_LAUNCH_OPTS,
-        )
-    else:
-        grad_query = new_output(query.shape, **f32)
-        _backward_dq_kernel[(b * hkv, triton.cdiv(g * t, blocks["BLOCK_M"]))](
-            query, *args["pointers"], grad_out, lse, grad_query,
-            hkv, g, t, n, d, s, float(scale), *args["strides"],
-            HAS_DELTA=has_delta, **common,
-        )
-    return grad_query, grad_delta
