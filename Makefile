@@ -15,7 +15,7 @@ SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp
 # PyTorch, the CUDA build and its libraries: x86_64 only (see $(LOCKED)).
 TORCH_STACK := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==
 
-.PHONY: install test test-fast demo bench lock test-latest test-oldest gpu-wheels clean
+.PHONY: install test test-fast demo bench lock test-latest test-oldest wheel test-wheel gpu-wheels clean
 
 install: $(STAMP)
 
@@ -76,6 +76,34 @@ test-latest test-oldest: $(LOCKED)
 	cd .venv-$@/src && ../bin/python -m pip install --no-build-isolation --no-deps -e . \
 		&& ../bin/python -m pytest -q python_tests
 
+# One abi3 wheel in dist/ for every torch >= 2.10 and CPython >= 3.10 (docs/install.md),
+# built against the venv's torch from a copy of the tracked files, so that neither a
+# stale build/ output nor an untracked file gets into it.
+WHEEL_SRC := build/wheel-src
+wheel: $(LOCKED)
+	rm -rf $(WHEEL_SRC) dist/vreason_kernels-*.whl && mkdir -p $(WHEEL_SRC)
+	git ls-files -z | xargs -0 tar -c | tar -x -C $(WHEEL_SRC)
+	$(PIP) wheel --no-build-isolation --no-deps -w dist $(WHEEL_SRC)
+
+# That wheel under another torch: a fresh venv with torch 2.13.0 (the CPU build) and the
+# lock's numpy, pytest and triton (a test module imports it), then the C++ op tests
+# against the reference. The tests run from a copy, so that they import the installed
+# wheel, not this tree; VREASON_REQUIRE_EXTENSION=1 makes a wheel that fails to load fail.
+# Not part of `make test`: it adds a wheel build and a torch install (see docs/install.md).
+WHEEL_VENV  := .venv-test-wheel
+WHEEL_TORCH := torch==2.13.0
+WHEEL_TESTS := test_extension_load.py test_linear_entropy.py test_linear_entropy_accuracy.py \
+	test_linear_entropy_bad_input.py test_value_delta_attention.py test_value_delta_attention_bad_input.py \
+	test_value_delta_attention_cpp.py test_value_delta_attention_grads.py
+test-wheel: wheel
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	grep -vE '^(torch|torchvision)==' $(LOCK) > $(WHEEL_VENV)/constraints.txt
+	$(WHEEL_VENV)/bin/python -m pip install -c $(WHEEL_VENV)/constraints.txt "$(WHEEL_TORCH)" numpy pytest triton
+	$(WHEEL_VENV)/bin/python -m pip install --no-deps dist/vreason_kernels-*.whl
+	git ls-files -z python_tests pyproject.toml | xargs -0 tar -c | tar -x -C $(WHEEL_VENV)
+	cd $(WHEEL_VENV) && VREASON_REQUIRE_EXTENSION=1 bin/python -m pytest -q --vk-backends cpp \
+		$(addprefix python_tests/,$(WHEEL_TESTS))
+
 # The GPU campaign's peer wheels (benchmarks/GPU_CAMPAIGN.md) into the git-ignored .whl/,
 # for the device tool's carry: pure-Python, about 0.9 MB together.
 GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1
@@ -84,4 +112,4 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) .venv-test-latest .venv-test-oldest build *.egg-info vreason_kernels/_C*.so
+	rm -rf $(VENV) .venv-test-latest .venv-test-oldest $(WHEEL_VENV) build dist *.egg-info vreason_kernels/_C*.so
