@@ -17,7 +17,7 @@ No NaN handling beyond what ``DeltaV`` does, and no sync-free bookkeeping.
 """
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
 from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
+from vreason_kernels.engine.guard import span_value_norms, warn_runaway
 from vreason_kernels.engine.loop import is_update_step
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
@@ -40,21 +41,24 @@ def generate(
     *,
     config: Optional[VReasonConfig] = None,
     span: Optional[torch.Tensor] = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: Optional[int] = None,
+    max_length: Optional[int] = None,
     do_sample: bool = False,
     temperature: float = 1.0,
+    top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    progress: Optional[Callable[[int], None]] = None,
     **model_inputs,
 ) -> VReasonOutput:
-    """Same signature, arguments and output as :func:`vreason_kernels.generate`."""
+    """Same signature, arguments, defaults (V-Reason on) and output as :func:`vreason_kernels.generate`."""
     run = prepare_run(
-        model, input_ids, config, span, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-        model_inputs=model_inputs,
+        model, input_ids, config, span, max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, generator=generator, progress=progress, model_inputs=model_inputs,
     )
     config, request, layer, recorder = run.config, run.request, run.layer, run.recorder
     spans, enabled = run.spans, run.enabled
@@ -76,6 +80,7 @@ def generate(
             span = spans.positions
             v = cache.layers[layer].values
             delta = DeltaV(config, (v.shape[0], v.shape[1], spans.size, v.shape[3]), v.device, spans.member)
+            value_norms = span_value_norms(v, span, spans.member)
         recorder.mark_prefill_done()
 
         def token_forward(token, with_grad):
@@ -135,4 +140,7 @@ def generate(
                 break
     nan_resets = int(delta.nan_resets) if delta is not None else 0
     warn_nan_resets(nan_resets)
-    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if enabled else 0)
+    out = recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if enabled else 0)
+    if delta is not None:
+        warn_runaway(out.delta_norm, value_norms)
+    return out

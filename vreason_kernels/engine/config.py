@@ -16,14 +16,21 @@ OptimizerSpec = Union[str, Callable[[list, float], torch.optim.Optimizer]]
 
 @dataclass
 class VReasonConfig:
-    """Hyper-parameters of V-Reason decoding (DESIGN.md §1).
+    """Hyper-parameters of V-Reason decoding. ``VReasonConfig()`` is what ``vk.generate``
+    runs when given no config; ``VReasonConfig(enabled=False)`` is the plain-decoding baseline.
 
     Attributes:
         enabled: run the entropy controller (default ``True``). ``False`` decodes plainly
             through the same loop: the baseline.
         lr: learning rate of the optimizer on ``ΔV`` (default ``5e-2``: the fewest output
             tokens at base accuracy in benchmarks/results/tune_defaults.md, a margin within
-            noise on SmolLM2-135M; see the README).
+            noise on SmolLM2-135M; see the README). Sane range: 1e-3 to 2e-1, the range
+            the benchmarks tried. Adam moves each entry of ``ΔV`` by up to about ``lr`` per
+            update, so ``ΔV`` grows roughly like ``lr`` times the number of updates; at
+            the default, 256 tokens on SmolLM2 end near 0.3× ``‖V‖`` at the span. Far
+            larger rates let ``ΔV`` swamp the values it modulates: ``generate`` then warns
+            once per call, when ``‖ΔV‖`` exceeds 10× ``‖V‖`` at the span
+            (``engine.guard.RUNAWAY_RATIO``).
         steps: optimizer steps per update (default ``1``). Steps after the first re-run
             only the controlled layer(s) and the head, never the cache.
         every: run an update every ``every`` decode forwards (default ``1``, the most

@@ -94,10 +94,16 @@ class DeltaV:
 
     def norms(self) -> torch.Tensor:
         """``||ΔV||`` per sample, ``[B]`` (over every rank's shard, summed in rank order)."""
-        if self.group is None:
-            return torch.linalg.vector_norm(self.delta.detach().flatten(1), dim=1)
-        squares = self.delta.detach().flatten(1).square().sum(1)
-        return all_gather(squares, self.group).sum(0).sqrt()
+        return sample_norms(self.delta.detach(), self.group)
+
+
+def sample_norms(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Frobenius norm of each sample of ``x [B, ...]``, ``[B]`` float32; with ``group``,
+    over every rank's shard of ``x`` (squares summed in rank order, so ranks agree)."""
+    x = x.float().flatten(1)
+    if group is None:
+        return torch.linalg.vector_norm(x, dim=1)
+    return all_gather(x.square().sum(1), group).sum(0).sqrt()
 
 
 class LayerRerun:

@@ -10,7 +10,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,7 +18,8 @@ from vreason_kernels.distributed.collectives import VocabRows
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import check_sampling_args
-from vreason_kernels.engine.spans import RowSpans, resolve_spans
+from vreason_kernels.engine.spans import RowSpans, check_lite_has_video, resolve_spans
+from vreason_kernels.engine.unsupported_args import check_no_generation_options
 
 # Finished samples are checked on the host once every this many tokens: the only
 # host-device sync of the decode loop. Up to this many - 1 extra steps may run after
@@ -152,6 +153,7 @@ class DecodeRequest:
     eos_ids: Optional[torch.Tensor]  # [E] int64 or None
     pad_id: int
     sampling: dict  # keyword arguments of select_next_token
+    progress: Optional[Callable[[int], None]] = None  # called with the number of steps done
 
     @property
     def batch(self) -> int:
@@ -171,9 +173,34 @@ def _is_token_id(value, vocab: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
 
 
+# max_new_tokens when neither it nor max_length is given.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def _new_tokens(max_new_tokens, max_length, prompt_length: int) -> int:
+    """The number of tokens to decode at most, from ``max_new_tokens`` or ``max_length``."""
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError(
+            f"pass max_new_tokens or max_length, not both (got max_new_tokens={max_new_tokens!r}, "
+            f"max_length={max_length!r})"
+        )
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < prompt_length:
+            raise ValueError(
+                f"max_length (prompt plus new tokens) must be an int >= the prompt length {prompt_length}, "
+                f"got {max_length!r}"
+            )
+        return max_length - prompt_length
+    if max_new_tokens is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 def check_request(
-    model, input_ids, *, max_new_tokens, do_sample, temperature, top_p, min_p, eos_token_id, pad_token_id,
-    generator, model_inputs,
+    model, input_ids, *, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p, eos_token_id,
+    pad_token_id, generator, progress, model_inputs,
 ) -> DecodeRequest:
     """Validate the arguments of ``generate`` (errors name the argument)."""
     if not isinstance(input_ids, torch.Tensor):
@@ -189,8 +216,7 @@ def check_request(
     if bool((input_ids < 0).any() | (input_ids >= vocab).any()):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got [{lo}, {hi}]")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[1])
     # Tokens and traces are preallocated; a length no position embedding reaches is a mistake.
     limit = getattr(_text_config(model), "max_position_embeddings", None)
     if isinstance(limit, int) and input_ids.shape[1] + max_new_tokens > limit:
@@ -198,11 +224,14 @@ def check_request(
             f"input_ids length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"max_position_embeddings ({limit})"
         )
-    check_sampling_args(do_sample, temperature, top_p, min_p, generator)
+    check_sampling_args(do_sample, temperature, top_k, top_p, min_p, generator)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (steps done) or None, got {type(progress).__name__}")
     model_inputs = dict(model_inputs)
     for name in ("past_key_values", "cache", "position_ids", "use_cache", "inputs_embeds"):
         if name in model_inputs:
             raise ValueError(f"{name} is managed by generate and cannot be passed")
+    check_no_generation_options(model_inputs)
     # Forwards take **kwargs and drop unknown names silently: a typo would lose the video.
     accepted = inspect.signature(type(model).forward).parameters
     unknown = sorted(name for name in model_inputs if name not in accepted)
@@ -237,8 +266,10 @@ def check_request(
         pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
     if not _is_token_id(pad_token_id, vocab):
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, min_p=min_p, generator=generator)
-    return DecodeRequest(input_ids.long(), attention_mask, model_inputs, max_new_tokens, eos_ids, pad_token_id, sampling)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    generator=generator)
+    return DecodeRequest(input_ids.long(), attention_mask, model_inputs, max_new_tokens, eos_ids, pad_token_id, sampling,
+                         progress)
 
 
 def prefill_position_ids(model, request: DecodeRequest) -> torch.Tensor:
@@ -302,6 +333,8 @@ class Recorder:
         if self.request.eos_ids is not None:
             self.finished |= torch.isin(token, self.request.eos_ids)
         self.steps = k + 1
+        if self.request.progress is not None:
+            self.request.progress(self.steps)
         return token
 
     def all_finished(self, k: int) -> bool:
@@ -333,8 +366,9 @@ class Recorder:
 
 
 def resolve_config(config: Optional[VReasonConfig]) -> VReasonConfig:
+    """``None`` is the default ``VReasonConfig()``: V-Reason on (plain decoding is ``enabled=False``)."""
     if config is None:
-        return VReasonConfig(enabled=False)
+        return VReasonConfig()
     if not isinstance(config, VReasonConfig):
         raise TypeError(f"config must be a VReasonConfig or None, got {type(config).__name__}")
     config.validate()  # again: the dataclass may have been changed since it was built
@@ -362,6 +396,8 @@ def prepare_run(model, input_ids, config, span, **request_args) -> Run:
     layer = config.layer_index(len(parts.layers))
     enabled, spans = config.enabled, None
     if enabled:
+        if config.keep_ratio < 1.0 and span is None:
+            check_lite_has_video(model.config, request.input_ids, request.attention_mask, config.keep_ratio)
         spans = resolve_spans(model, span, request.input_ids, request.attention_mask)
         if spans.size == 0:
             warn_empty_span()

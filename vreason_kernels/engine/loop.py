@@ -23,7 +23,7 @@ updates therefore run on decode forwards ``t = k - 1 = 1, 2, ...`` with ``t % ev
 """
 
 from contextlib import ExitStack
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
 from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
+from vreason_kernels.engine.guard import span_value_norms, warn_runaway
 from vreason_kernels.engine.output import VReasonOutput
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.engine.spans import lite_prune
@@ -49,25 +50,29 @@ def generate(
     *,
     config: Optional[VReasonConfig] = None,
     span: Optional[torch.Tensor] = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: Optional[int] = None,
+    max_length: Optional[int] = None,
     do_sample: bool = False,
     temperature: float = 1.0,
+    top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    progress: Optional[Callable[[int], None]] = None,
     **model_inputs,
 ) -> VReasonOutput:
-    """Decode with V-Reason inference-time entropy control (DESIGN.md §1).
+    """Decode with V-Reason inference-time entropy control.
 
     Args:
         model: a Hugging Face causal LM (or Qwen2.5-VL) with a linear LM head. It is
             left exactly as it was (attention implementation, hooks, ``requires_grad``).
         input_ids: ``[B, L]`` int64 prompts, left-padded when ``B > 1`` (pass
             ``attention_mask`` then).
-        config: a :class:`VReasonConfig`; ``None`` or ``enabled=False`` decodes plainly
-            through the same loop (the baseline).
+        config: a :class:`VReasonConfig` (default ``None``: ``VReasonConfig()``, V-Reason
+            on). ``VReasonConfig(enabled=False)`` decodes plainly through the same loop:
+            the baseline.
         span: the prompt positions whose value rows get ``ΔV``, per batch row: one int
             ``[S]`` tensor for every row, a list of ``B`` int ``[S_b]`` tensors, or an int
             ``[B, S]`` tensor whose shorter rows end in ``-1`` padding; each row sorted
@@ -75,27 +80,41 @@ def generate(
             positions, of different lengths): each row gets its own ``ΔV`` rows and Lite
             pruning, and decodes as it would alone. Positions ``attention_mask`` hides are
             dropped. Default, per row: its video tokens, else its image tokens, else its
-            whole (unpadded) prompt. An empty span decodes plainly with a warning.
+            whole (unpadded) prompt. An empty span decodes plainly with a warning. Lite
+            mode (``config.keep_ratio < 1``) prunes video tokens only: without ``span``
+            every row must hold video tokens, else ``ValueError`` before any model call.
         max_new_tokens: number of tokens to generate at most (default 256; 0 returns at once).
+        max_length: the alternative to ``max_new_tokens``, as in ``model.generate``:
+            prompt length plus new tokens. Passing both is an error.
         do_sample: sample instead of greedy decoding (default ``False``).
-        temperature, top_p, min_p: sampling controls (defaults 1.0, 1.0, 0.0: off). The
-            controller's entropy is always taken at temperature 1.
+        temperature, top_k, top_p, min_p: sampling controls (defaults 1.0, 0, 1.0, 0.0:
+            off), applied in that order when ``do_sample``. The controller's entropy is
+            always taken at temperature 1 over the whole vocabulary.
         eos_token_id: int or list of ints (default: ``model.generation_config``). Finished
             samples are checked every ``EOS_CHECK_INTERVAL`` (= 8) tokens, the loop's only
             host-device sync; later slots hold ``pad_token_id``.
         pad_token_id: default ``generation_config.pad_token_id``, else the first EOS id.
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        progress: called on the host after each decode step with the number of steps
+            done (a progress bar); it gets no tokens, so it adds no host-device sync.
         **model_inputs: ``attention_mask`` and prefill-only inputs such as
             ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
-            ``mm_token_type_ids`` (Qwen2.5-VL).
+            ``mm_token_type_ids`` (Qwen2.5-VL). ``model.generate`` options that this
+            function does not implement (``num_beams``, ``streamer``, ``output_scores``,
+            ...) are refused by name.
 
     Returns:
         :class:`VReasonOutput` with ``sequences`` and ``[B, new]`` traces.
+
+    Warns:
+        once per call when ``ΔV`` outgrew the values it modulates (see
+        :data:`~vreason_kernels.engine.guard.RUNAWAY_RATIO`), and when ``ΔV`` went
+        NaN/Inf and was reset.
     """
     run = prepare_run(
-        model, input_ids, config, span, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-        model_inputs=model_inputs,
+        model, input_ids, config, span, max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, generator=generator, progress=progress, model_inputs=model_inputs,
     )
     config, parts, request, layer, recorder = run.config, run.parts, run.request, run.layer, run.recorder
     if request.max_new_tokens == 0:
@@ -130,7 +149,9 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
             context.span = spans.positions
         values = cache.layers[layer].values
         shape = (values.shape[0], values.shape[1], spans.size, values.shape[3])
-        delta = DeltaV(config, shape, values.device, spans.member, group=parts.kv_group(layer))
+        group = parts.kv_group(layer)
+        delta = DeltaV(config, shape, values.device, spans.member, group=group)
+        value_norms = span_value_norms(values, spans.positions, spans.member, group)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
     switch = EntropySwitch(config.ema_beta, config.ema_init)
@@ -168,5 +189,8 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
             break
     nan_resets = int(delta.nan_resets) if delta is not None else 0
     warn_nan_resets(nan_resets)
-    return recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if context else 0)
+    out = recorder.output(updates=updates, nan_resets=nan_resets, span_size=spans.size if context else 0)
+    if delta is not None:
+        warn_runaway(out.delta_norm, value_norms)
+    return out
 

@@ -107,6 +107,29 @@ def resolve_spans(model, span, input_ids: Tensor, attention_mask: Tensor) -> Row
     return RowSpans.from_rows([row[visible[b, row]] for b, row in enumerate(rows)], device)
 
 
+def check_lite_has_video(model_config, input_ids: Tensor, attention_mask: Tensor, keep_ratio: float) -> None:
+    """Lite mode prunes video tokens: with the default span, every row must hold some.
+
+    Without video the default span falls back to a row's image tokens or its whole prompt,
+    and pruning those throws away the question itself (a text prompt pruned to half its
+    tokens answers nonsense), so ``keep_ratio < 1`` is refused there unless the caller
+    chose the span.
+    """
+    token = getattr(model_config, "video_token_id", None)
+    if token is None:
+        raise ValueError(
+            f"keep_ratio={keep_ratio} (Lite mode) prunes video tokens, and this model has no video token "
+            "(config.video_token_id); use keep_ratio=1.0, or pass span= to choose the positions to prune"
+        )
+    has_video = ((input_ids == token) & attention_mask.bool()).any(dim=1)
+    if not bool(has_video.all()):
+        rows = (~has_video).nonzero().flatten().tolist()
+        raise ValueError(
+            f"keep_ratio={keep_ratio} (Lite mode) prunes video tokens, and input_ids row(s) {rows} hold none; "
+            "use keep_ratio=1.0, or pass span= to choose the positions to prune"
+        )
+
+
 def lite_prune(cache, mask: Tensor, spans: RowSpans, keep_ratio: float, layer: int):
     """Lite mode per row: each row keeps ``ceil(keep_ratio * S_b)`` of its own span's
     positions (largest value norm, ranked by every layer on its own values, as
@@ -129,7 +152,7 @@ def lite_prune(cache, mask: Tensor, spans: RowSpans, keep_ratio: float, layer: i
             raise TypeError(f"cache layer {i} must be a DynamicLayer (full attention), got {type(cached).__name__}")
     rows = spans.rows(mask.shape[0])
     pruned = [
-        [prune_kv(c.keys[b : b + 1], c.values[b : b + 1], row, keep_ratio) for c in cache.layers]
+        [prune_kv(c.keys[b : b + 1], c.values[b : b + 1], row, keep_ratio=keep_ratio) for c in cache.layers]
         for b, row in enumerate(rows)
     ]
     width = max(p[layer][2].shape[1] for p in pruned)
