@@ -27,7 +27,7 @@ def _runs(model, inputs, kind):
     import vreason_kernels as vk
 
     settings = {
-        "off": dict(config=None),
+        "off": dict(config=vk.VReasonConfig(enabled=False)),
         "on-2-steps": dict(config=vk.VReasonConfig(lr=0.05, steps=2)),
     }
     if kind == "llama":
