@@ -13,6 +13,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -99,6 +100,15 @@ inline Tensor new_output(Shape shape, ScalarType dtype) {
   return out;
 }
 
+// Equal shapes, compared size by size: torch 2.10's IntHeaderOnlyArrayRef has no operator==.
+inline bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (a.size(i) != b.size(i)) return false;
+  }
+  return true;
+}
+
 // x as float32 with unit strides: x itself when it already is.
 inline Tensor contiguous_float(const Tensor& x) {
   return torch::stable::contiguous(torch::stable::to(x, ScalarType::Float));
@@ -114,12 +124,21 @@ inline Tensor float_matrix(const float* ptr, int64_t rows, int64_t cols, int64_t
 // out = a @ b and out += a @ b with ATen's CPU GEMM, through the AOTInductor C shim: the
 // stable ops offer only an allocating matmul, and a product added afterwards would round
 // differently from the GEMM's own accumulation into out.
+// Headers from torch 2.13 on carry the original error message across the C boundary
+// (looked up at run time, so a 2.10 target still loads); building against torch 2.10's
+// headers, which lack that macro, falls back to the header-only check.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define VREASON_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define VREASON_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
 inline void mm_into(const Tensor& out, const Tensor& a, const Tensor& b) {
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
+  VREASON_SHIM_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
 }
 
 inline void addmm_into(const Tensor& out, const Tensor& a, const Tensor& b) {
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), out.get(), a.get(), b.get(), 1.0, 1.0));
+  VREASON_SHIM_CHECK(aoti_torch_cpu_addmm_out(out.get(), out.get(), a.get(), b.get(), 1.0, 1.0));
 }
 
 }  // namespace vreason

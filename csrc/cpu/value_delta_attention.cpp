@@ -460,7 +460,7 @@ Layout make_layout(const Tensor& query, const Tensor& key, const Tensor& value, 
                   L.Hq, " (GQA)");
   L.G = L.Hq / L.Hkv;
   L.rows = L.G * L.T;
-  STD_TORCH_CHECK(value.sizes() == key.sizes(), op, "value must have key's shape ", shape_str(key.sizes()),
+  STD_TORCH_CHECK(same_shape(value, key), op, "value must have key's shape ", shape_str(key.sizes()),
                   ", got ", shape_str(value.sizes()));
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"key", &key}, std::pair{"value", &value}}) {
     STD_TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype, op, name, " must be a CPU tensor of dtype ", dtype,
@@ -625,7 +625,7 @@ std::tuple<Tensor, Tensor> value_delta_attention_bwd(const Tensor& grad_out, con
                                                      double scale, bool causal, const Tensor& lse) {
   Layout L = make_layout(query, key, value, delta_v, span_index, attn_bias, scale, causal);
   const char* op = "value_delta_attention (cpp): ";
-  STD_TORCH_CHECK(grad_out.is_cpu() && grad_out.sizes() == query.sizes() && is_floating(grad_out.scalar_type()), op,
+  STD_TORCH_CHECK(grad_out.is_cpu() && same_shape(grad_out, query) && is_floating(grad_out.scalar_type()), op,
                   "grad_out must be a floating CPU tensor of query's shape ", shape_str(query.sizes()), ", got ",
                   grad_out.scalar_type(), " of shape ", shape_str(grad_out.sizes()), " on ", device_str(grad_out));
   STD_TORCH_CHECK(lse.is_cpu() && lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == L.B &&
