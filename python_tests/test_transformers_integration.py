@@ -129,6 +129,31 @@ def test_nonzero_delta_reaches_last_layer_only_and_gradient_flows():
     torch.testing.assert_close((delta.grad * direction).sum(), numeric, rtol=2e-3, atol=1e-6)
 
 
+def test_a_model_that_is_not_frozen_gets_the_delta_gradient():
+    """Weights that require grad (as from_pretrained leaves them): the delta's layer treats
+    its keys and values as constants, so the forward runs and ΔV gets the same gradient
+    as with the model frozen; the query path, and so the layers below, keep theirs."""
+    model = tiny_llama().requires_grad_(True)
+    last = _last_layer(model)
+    input_ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(8))
+    span = torch.arange(2, 9)
+    grads = []
+    for frozen in (False, True):
+        model.requires_grad_(not frozen)
+        delta = (0.3 * torch.randn(_zero_delta(model, 1, span).shape, generator=torch.Generator().manual_seed(9)))
+        delta.requires_grad_()
+        with vreason_attention(model, ValueDeltaContext(span=span, delta_v={last: delta})):
+            model(input_ids=input_ids).logits[0, -1].log_softmax(-1)[5].backward()
+        grads.append(delta.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().max() > 0
+    layers = model.get_decoder().layers
+    model.requires_grad_(False)
+    assert layers[last].self_attn.q_proj.weight.grad.abs().max() > 0
+    assert layers[last].self_attn.v_proj.weight.grad is None  # the cache's projection: a constant here
+    assert layers[0].self_attn.q_proj.weight.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("new_tokens", [1, 3])
 def test_kv_override_reruns_one_layer(new_tokens):
     """The engine's re-run: the last layer's attention on the last tokens, with the full

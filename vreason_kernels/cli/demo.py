@@ -32,7 +32,7 @@ def is_right(answer: str, known: str) -> bool:
 
 
 def demo_command(args) -> int:
-    from vreason_kernels import models
+    import vreason_kernels.models as models
     from vreason_kernels.engine import generate
 
     questions = DEMO_QUESTIONS[: args.questions]

@@ -70,7 +70,7 @@ def _model_path(args) -> str:
 
 
 def generate_command(args) -> int:
-    from vreason_kernels import models
+    import vreason_kernels.models as models
     from vreason_kernels.engine import generate
 
     config = _config(args)

@@ -43,7 +43,10 @@ class ValueDeltaContext:
             ``mask_override`` are keyed by those.
         span: int ``[S]`` sorted unique positions in the cached sequence that carry the delta.
         delta_v: layer index -> ``[B, Hkv, S, D]`` (may require grad; cast to the query
-            dtype). A layer with a delta and a span runs ``value_delta_attention``.
+            dtype). A layer with a delta and a span runs ``value_delta_attention``, which
+            is differentiable in the query and the delta: its keys and values (the
+            cache) are constants for autograd, so the model need not be frozen, and that
+            layer's key/value projections get no gradient.
         kv_override: layer index -> ``(key, value)`` full cached tensors ``[B, Hkv, N, D]``
             to attend over INSTEAD of the ones passed in. For re-running one decoder layer on
             the current token(s) with ``past_key_values=None``: the cache already holds those
@@ -154,6 +157,11 @@ def _value_delta_forward(
         causal = True
     else:
         key, value, causal = _sdpa_causal(module, query, key, value, attention_mask, kwargs.get("is_causal"))
+    # The keys and values here are the cache (or the current token's rows of it): V-Reason
+    # differentiates ΔV (and, through the query, the layers below), never the cache, and
+    # the op takes no gradient for them. Detaching lets a model whose weights still require
+    # grad run without being frozen first; this layer's k/v projections get no gradient.
+    key, value = key.detach(), value.detach()
     delta_v, span = context.delta_v.get(layer), None
     if delta_v is not None:
         if context.span is None:

@@ -22,12 +22,12 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-import vreason_kernels as vk
+from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
 from vreason_kernels.models import load_causal_lm
 from vreason_kernels.video import video_chat_inputs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(vk.VReasonConfig)}
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(VReasonConfig)}
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
@@ -123,7 +123,7 @@ class VReasonLMM(lmms):
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         do_sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
         sampling = dict(temperature=temperature, top_p=float(gen_kwargs.get("top_p") or 1.0)) if do_sample else {}
-        out = vk.generate(
+        out = generate(
             self.model, ids, config=self.config, do_sample=do_sample,
             max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens), **sampling, **inputs,
         )
@@ -162,7 +162,7 @@ class VReasonLMM(lmms):
                 f.write(json.dumps(stats) + "\n")
 
 
-def vreason_config(args: dict) -> "vk.VReasonConfig":
+def vreason_config(args: dict) -> VReasonConfig:
     """A :class:`vk.VReasonConfig` from lmms-eval model args, whose parser turns ``-1`` and
     ``2`` into floats and ints and leaves ``None`` a string."""
     unknown = sorted(set(args) - set(CONFIG_FIELDS))
@@ -175,10 +175,10 @@ def vreason_config(args: dict) -> "vk.VReasonConfig":
         elif isinstance(value, float) and value.is_integer() and name in ("steps", "every", "layer"):
             value = int(value)
         fields[name] = value
-    return vk.VReasonConfig(**fields)
+    return VReasonConfig(**fields)
 
 
-def sample_statistics(out: "vk.VReasonOutput", *, input_tokens: int, enabled: bool) -> dict:
+def sample_statistics(out: VReasonOutput, *, input_tokens: int, enabled: bool) -> dict:
     """Output tokens, entropy statistics and latency of a one-sample :class:`vk.VReasonOutput`."""
     tokens = int(out.stats["tokens"])
     entropy, ema = out.entropy[0, :tokens].double(), out.entropy_ema[0, :tokens].double()
