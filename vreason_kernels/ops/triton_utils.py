@@ -81,7 +81,8 @@ def rescale(m_old, m_new):
 
 @triton.jit
 def online_softmax_tile(m, z):
-    """One tile ``z [rows, cols]`` of the online sums kept relative to the running max ``m [rows]``.
+    """One tile of the online sums kept relative to the running max ``m``: ``z [rows, cols]``
+    with ``m [rows]``, or one row's ``z [cols]`` with ``m [1]``.
 
     Returns ``(m', r, delta, e, ez)``: ``m' = max(m, max_j z_j)``, ``r, delta`` from
     ``rescale(m, m')``, ``e = e^{z - m'}`` and ``ez = e (z - m')``, so that the caller
@@ -90,10 +91,12 @@ def online_softmax_tile(m, z):
     exactly 0 via ``where`` rather than e^{-inf} * (-inf) = NaN; a NaN logit stays live,
     so that it makes the row's H NaN.
     """
-    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_new = tl.maximum(m, tl.max(z, axis=len(z.shape) - 1))
     r, delta = rescale(m, m_new)
     live = z != NEG_INF
     m_live = tl.where(m_new > NEG_INF, m_new, 0.0)  # equals m' wherever an entry is live
-    zc = tl.where(live, z - m_live[:, None], 0.0)  # z - m', with masked entries pinned to 0
+    if len(z.shape) == 2:
+        m_live = m_live[:, None]
+    zc = tl.where(live, z - m_live, 0.0)  # z - m', with masked entries pinned to 0
     e = tl.where(live, tl.exp(zc), 0.0)
     return m_new, r, delta, e, e * zc

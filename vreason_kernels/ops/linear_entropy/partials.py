@@ -19,7 +19,7 @@ C++ backend folds its chunks inside one call and does not hand them out). A slic
 partials come from ``op.slice_partials``.
 
 A slice whose logits are all -inf has ``m = -inf``, ``s = t = 0``, ``A = B = 0`` and adds
-nothing (``r = delta = 0``, as the kernels' ``_rescale``).
+nothing (``r = delta = 0``, as the kernels' ``triton_utils.rescale``).
 """
 
 from typing import NamedTuple, Optional

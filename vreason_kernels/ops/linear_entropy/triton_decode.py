@@ -59,7 +59,6 @@ def _decode_partials_kernel(
     v_start = split * chunk
     v_end = tl.minimum(v_start + chunk, V)
 
-    # The row is a [1, BLOCK_V] tile of the shared online-softmax step: m, s, t are [1].
     m = tl.full((1,), NEG_INF, dtype=tl.float32)
     s = tl.zeros((1,), dtype=tl.float32)
     t = tl.zeros((1,), dtype=tl.float32)
@@ -76,12 +75,12 @@ def _decode_partials_kernel(
         logits = tl.where(col_ok, logits, NEG_INF)
         if STORE_LOGITS:
             tl.store(logits_ptr + cols, logits.to(logits_ptr.dtype.element_ty), mask=col_ok)
-        m, r, delta, e, ez = online_softmax_tile(m, (logits / tau)[None, :])
+        m, r, delta, e, ez = online_softmax_tile(m, logits / tau)  # one row: m, s, t are [1]
         if NEED_GRAD:
-            b = r * (b + delta * a) + tl.sum(tl.trans(ez) * w, axis=0)
-            a = r * a + tl.sum(tl.trans(e) * w, axis=0)
-        t = r * (t + delta * s) + tl.sum(ez, axis=1)
-        s = r * s + tl.sum(e, axis=1)
+            b = r * (b + delta * a) + tl.sum(ez[:, None] * w, axis=0)
+            a = r * a + tl.sum(e[:, None] * w, axis=0)
+        t = r * (t + delta * s) + tl.sum(ez, axis=0)
+        s = r * s + tl.sum(e, axis=0)
     one = tl.arange(0, 1)
     tl.store(m_ptr + split + one, m)
     tl.store(s_ptr + split + one, s)
@@ -100,10 +99,10 @@ def decode_blocks(dim: int) -> dict:
     return dict(BLOCK_V=1 if block_d >= 8192 else max(1, elements // block_d), BLOCK_D=block_d)
 
 
-def decode_num_warps(BLOCK_D, **_) -> int:
+def decode_num_warps(block_d: int) -> int:
     # h, A, B are 3 BLOCK_D fp32 vectors spread over the block: 16 warps keep D = 8192 at
     # 48 registers per thread for them, leaving room for the W tile.
-    return 16 if BLOCK_D >= 8192 else 8
+    return 16 if block_d >= 8192 else 8
 
 
 # h, A and B live in registers: compiled without spills up to this D (the §6 heads' largest).
@@ -126,5 +125,5 @@ def launch_partials(hidden, weight, bias, logits, stats, moments, temperature: f
         a_ptr=None if moments is None else moments[0], bb_ptr=None if moments is None else moments[1],
         V=weight.shape[0], D=hidden.shape[1], stride_w=weight.stride(0), tau=float(temperature), chunk=chunk,
         HAS_BIAS=bias is not None, NEED_GRAD=moments is not None, STORE_LOGITS=logits is not None,
-        num_warps=decode_num_warps(**blocks), num_stages=NUM_STAGES, **blocks,
+        num_warps=decode_num_warps(blocks["BLOCK_D"]), num_stages=NUM_STAGES, **blocks,
     )

@@ -103,6 +103,19 @@ def _modulated(v, u, in_span):
 
 
 @triton.jit
+def _value_tile(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D,
+                HAS_DELTA: tl.constexpr):
+    """fp32 ``V'`` for one ``[BLOCK_N, BLOCK_D]`` tile: the modulated values with a delta,
+    the values themselves (and no delta row read) without one."""
+    if HAS_DELTA:
+        v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
+        v_mod = _modulated(v, u, in_span)
+    else:
+        v_mod = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
+    return v_mod
+
+
+@triton.jit
 def _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn):
     mask = col_ok[:, None] & d_ok[None, :]
     return tl.load(k_ptr + k_off + cols.to(tl.int64)[:, None] * stride_kn + ds[None, :], mask=mask, other=0.0).to(
@@ -208,11 +221,7 @@ def _forward_kernel(
         k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
         s = _scores(q, k, t, head, row_ok, cols, col_ok, bias_ptr, bias_off, stride_bh, stride_bt, stride_bn,
                     scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
-        if HAS_DELTA:
-            v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
-            v = _modulated(v, u, in_span)
-        else:
-            v = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
+        v = _value_tile(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D, HAS_DELTA)
         m = tl.maximum(m, tl.max(s, axis=1))
         m_ref = _finite_or_zero(m)
         alpha = tl.exp(m_old - m_ref)
@@ -448,11 +457,7 @@ def _backward_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
         k = _key_tile(k_ptr, k_off, cols, col_ok, ds, d_ok, stride_kn)
-        if HAS_DELTA:
-            v, u, in_span = _values(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D)
-            v = _modulated(v, u, in_span)
-        else:
-            v = _key_tile(v_ptr, v_off, cols, col_ok, ds, d_ok, stride_vn)
+        v = _value_tile(v_ptr, dlt_ptr, idx_ptr, v_off, dlt_off, cols, col_ok, ds, d_ok, stride_vn, D, HAS_DELTA)
         p = _probs_tile(q_ptr, lse_ptr, bias_ptr, k, offs, lse_offs, mask, t, head, row_ok, cols, col_ok,
                         bias_off, stride_bh, stride_bt, stride_bn, scale, N, T, HAS_BIAS, CAUSAL, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
