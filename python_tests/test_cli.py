@@ -18,8 +18,8 @@ import pytest
 import vreason_kernels.models
 from python_tests.tiny_models import save_tiny_text_checkpoint
 from python_tests.utils import repo_env
-from vreason_kernels._version import __version__
 from vreason_kernels.__main__ import main
+from vreason_kernels._version import __version__
 from vreason_kernels.cli.demo import DEMO_QUESTIONS, is_right
 from vreason_kernels.cli.parser import build_parser
 from vreason_kernels.engine.config import VReasonConfig
@@ -65,6 +65,7 @@ def test_demo_shows_questions_full_answers_and_whether_they_are_right(loaded_smo
     answers = re.findall(r"^      (\S.*)$", printed, flags=re.M)
     assert len(answers) >= 4 and max(len(line) for line in answers) <= 100  # wrapped, not cut
     assert re.search(r"^right: base \d/2, v-reason \d/2$", printed, flags=re.M)
+    assert re.search(r"^decoding took [\d.]+ s \(4 runs, after the model load\)$", printed, flags=re.M)
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
 

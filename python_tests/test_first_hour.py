@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.tiny_models import VIDEO_TOKEN_ID, synthetic_video_inputs, tiny_llama, tiny_qwen2_5_vl
+from python_tests.tiny_models import (
+    VIDEO_TOKEN_ID,
+    synthetic_video_inputs,
+    tiny_llama,
+    tiny_qwen2_5_vl,
+)
 from vreason_kernels.engine.guard import RUNAWAY_RATIO
 from vreason_kernels.engine.sampling import select_next_token
 

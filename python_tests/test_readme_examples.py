@@ -58,3 +58,22 @@ def test_readme_block_with_the_shipped_model_runs(index, smollm2, monkeypatch, c
 @pytest.mark.parametrize("index", WITHOUT_MODEL, ids=lambda i: f"block{i + 1}")
 def test_readme_block_runs(index, capsys):
     _run(RUNNABLE[index], f"README.md python block {index + 1}", capsys)
+
+
+def test_the_readme_says_what_nan_input_does():
+    """NaN in the inputs is not checked, so it comes out as NaN; the README must not promise otherwise."""
+    import torch
+
+    import vreason_kernels as vk
+
+    hidden = torch.randn(2, 16)
+    hidden[1, 3] = float("nan")
+    entropy = vk.linear_entropy(hidden, torch.randn(40, 16))
+    assert entropy[0].isfinite() and entropy[1].isnan()
+    text = " ".join(README.read_text().split())
+    assert "never a silent NaN" not in text and "NaN in gives NaN out" in text
+
+
+def test_the_readme_states_the_demo_time_it_takes():
+    text = " ".join(README.read_text().split())
+    assert "a few minutes" not in text and "about 35 s on 2 free CPU cores" in text

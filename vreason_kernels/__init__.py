@@ -32,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "VReasonConfig",
     "VReasonOutput",
+    "__version__",
     "generate",
     "linear_entropy",
     "prune_kv",

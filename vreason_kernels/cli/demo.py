@@ -4,6 +4,7 @@ V-Reason; a table of the questions and full answers, and a PNG of the entropy cu
 import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from vreason_kernels.cli.console import TokenBar, silenced_stderr, third_party_quiet
@@ -41,6 +42,7 @@ def demo_command(args) -> int:
         with silenced_stderr(args.verbose):
             model, tok = models.load_causal_lm(models.shipped_smollm2_path())
         runs = []
+        start = time.perf_counter()
         for i, (question, known) in enumerate(questions, 1):
             ids = chat_inputs(tok, question)["input_ids"]
             outs = {}
@@ -50,7 +52,9 @@ def demo_command(args) -> int:
             answers = {name: tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
                        for name, out in outs.items()}
             runs.append((question, known, outs, answers))
+        seconds = time.perf_counter() - start
     print(_table(runs))
+    print(f"\ndecoding took {seconds:.1f} s ({2 * len(runs)} runs, after the model load)")
     plot = _plot(runs, Path(args.plot))
     print(f"\nentropy plot saved to {plot.resolve()}")
     return 0

@@ -9,7 +9,7 @@ before any model call, with what to do instead where there is something.
 """
 
 import inspect
-from functools import lru_cache
+from functools import cache, lru_cache
 
 _SAMPLING_ONLY = (
     "it decodes greedily or samples (do_sample=True) with temperature, top_k, top_p and min_p; "
@@ -33,7 +33,7 @@ _HINTS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _generation_options() -> frozenset:
     """Every option name of transformers' ``generate``: its config fields and its own arguments."""
     from transformers import GenerationConfig
