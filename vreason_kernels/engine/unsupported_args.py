@@ -9,7 +9,7 @@ before any model call, with what to do instead where there is something.
 """
 
 import inspect
-from functools import cache, lru_cache
+from functools import cache
 
 _SAMPLING_ONLY = (
     "it decodes greedily or samples (do_sample=True) with temperature, top_k, top_p and min_p; "
