@@ -1,4 +1,5 @@
-"""The Triton backend of ``value_delta_attention``: the value delta applied inside the kernel.
+"""The Triton kernels of ``value_delta_attention``: the value delta applied inside the kernel
+(their launches are ``triton_backend``'s).
 
 Notation (DESIGN.md §2.2-2.3): a span row ``i`` of kv-head ``h`` has
 ``u = v_i + delta_j`` (``j = span_index[i]``), ``n = max(||u||, eps)`` and
