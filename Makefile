@@ -62,14 +62,15 @@ lock: $(LOCKED)
 
 # The suite against the newest and the oldest releases pyproject.toml allows, each in a
 # venv of its own, to see the next break on purpose. Not part of `make test`.
-# torch is held at the newest release on this machine's disk unless TORCH_SPEC is given.
-TORCH_SPEC ?= torch<=2.14.1
+# torch and torchvision are held at the newest releases on this machine's disk unless
+# TORCH_SPEC is given (a space-separated list of constraints).
+TORCH_SPEC ?= torch<=2.14.1 torchvision<=0.29.1
 EXTRAS := --extra test --extra hf --extra video --extra eval
 test-latest: RESOLUTION := highest
 test-oldest: RESOLUTION := lowest-direct
 test-latest test-oldest: $(LOCKED)
 	rm -rf .venv-$@ && $(PYTHON) -m venv .venv-$@ && mkdir .venv-$@/src
-	echo "$(TORCH_SPEC)" > .venv-$@/torch.txt
+	printf '%s\n' $(foreach c,$(TORCH_SPEC),'$(c)') > .venv-$@/torch.txt
 	$(VENV)/bin/uv pip compile pyproject.toml $(EXTRAS) $(LOCK_TARGET) --resolution $(RESOLUTION) \
 		-c .venv-$@/torch.txt --no-header -o .venv-$@/lock.txt
 	.venv-$@/bin/python -m pip install --no-deps -r .venv-$@/lock.txt -r $(DATA)
