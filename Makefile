@@ -52,8 +52,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vreason_kernels demo
 
+# The CPU benchmarks at their quick shapes, one JSON record each, and the summary tables.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_linear_entropy.py
+	$(PY) benchmarks/bench_linear_entropy.py --quick
+	$(PY) benchmarks/bench_value_delta_attention.py --quick
+	$(PY) benchmarks/summarize.py --out benchmarks/results/SUMMARY.md
 
 # Regenerate the lock from requirements/test.in (newest releases that satisfy it).
 lock: $(LOCKED)

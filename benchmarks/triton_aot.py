@@ -2,7 +2,7 @@
 
 The launch arguments are not written down here. The launchers' own backend functions
 (``ops/*/triton_backend.py``: ``forward``, ``backward``, ``weight_grad``) are called with
-``meta`` tensors (shapes and dtypes, no memory) at DESIGN.md §6 shapes, while every
+``meta`` tensors (shapes and dtypes, no memory) at docs/design.md §6 shapes, while every
 ``@triton.jit`` kernel and autotuner in their modules is swapped for a recorder that keeps
 ``kernel[grid](*args, **kwargs)``. The SM count the launchers size their grids by is the
 target's. Each recorded launch is then specialised by Triton's own binder (as
@@ -63,7 +63,7 @@ def _triton_modules() -> tuple:
 
 LAUNCHER_MODULES = _triton_modules()
 
-# DESIGN.md §6: hidden size D, vocabulary V, q/kv heads, head_dim.
+# docs/design.md §6: hidden size D, vocabulary V, q/kv heads, head_dim.
 MODELS = {
     "3B": dict(D=2048, V=151936, Hq=16, Hkv=2, head_dim=128),
     "7B": dict(D=3584, V=152064, Hq=28, Hkv=4, head_dim=128),

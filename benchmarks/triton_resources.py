@@ -5,7 +5,7 @@
     python benchmarks/triton_resources.py --cover --json r  # the CI subset (python_tests/test_triton_compile.py)
 
 Compiles every kernel for sm_90 (H100/H200) and sm_80 (A100) at the launch configurations
-the launchers pick for DESIGN.md §6 shapes (``triton_aot.py`` records them from the
+the launchers pick for docs/design.md §6 shapes (``triton_aot.py`` records them from the
 launchers themselves) and reads back registers, spill stack, local and shared memory.
 Next to that, a bytes-moved model of each kernel at the same shapes against its floor.
 Exit status 1 if any compile fails a check (``triton_aot.check``).
@@ -43,7 +43,7 @@ def attention_plan(b, hkv, g, t, n, d, sm_count, dtype):
 
 
 # ----------------------------------------------------------------------------------------
-# Bytes-moved model (issue 9 §2): HBM bytes per launch from its grid and tiles
+# Bytes-moved model (docs/design.md §9.2): HBM bytes per launch from its grid and tiles
 # ----------------------------------------------------------------------------------------
 
 L2_BYTES = {"sm_90": 50 * 2**20, "sm_80": 40 * 2**20}
@@ -362,7 +362,7 @@ def write_report(rows, path=RESULTS) -> None:
         "block. Verdict checks: compiles; SHARED within the per-block limit (sm_90 227 KB, sm_80 163 KB);",
         "REG x threads <= 65536 (one block fits an SM); decode-path kernels (T=1 linear_entropy, decode",
         "attention) neither spill nor use local memory. One row per distinct compiled kernel; the shapes",
-        "column lists the DESIGN.md §6 shapes that launch it.",
+        "column lists the docs/design.md §6 shapes that launch it.",
         "",
         "## Bytes moved per launch, against the floor (bf16)",
         "",

@@ -1,4 +1,4 @@
-"""The package's imports run one way (issue 21, item 1), read from the source with ``ast``:
+"""The package's imports run one way (docs/design.md §11.1), read from the source with ``ast``:
 
     CLI and integrations -> engine and distributed -> ops -> backend and leaf helpers
 

@@ -5,7 +5,7 @@ and autograd through it. The baseline is the same code in the input dtype (the l
 layer in that dtype, then the entropy in at least float32, as verl and Liger upcast), and
 each backend's error must stay within ``2 x`` the baseline's plus a floor (a few rounding
 units of the output dtype, and what float32 logits alone cost: see
-``check_against_reference``; DESIGN.md §5, flash-attention's rule). Inputs are
+``check_against_reference``; docs/design.md §5, flash-attention's rule). Inputs are
 fresh random draws with odd sizes; kernel outputs start as NaN (conftest), so an
 unwritten element fails.
 """

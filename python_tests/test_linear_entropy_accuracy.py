@@ -1,4 +1,4 @@
-"""linear_entropy accuracy sweep (issue 8 §2): each backend within 2x of plain PyTorch.
+"""linear_entropy accuracy sweep (docs/design.md §8.2): each backend within 2x of plain PyTorch.
 
 The cases where ``lse - sum p z`` loses digits: a common offset of 1000 on every logit
 (through the bias, or through the product W h), Liger-style all-positive weights with

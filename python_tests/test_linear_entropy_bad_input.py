@@ -1,4 +1,4 @@
-"""linear_entropy bad-input sweep (issue 8 §5): a clear error naming the argument, or
+"""linear_entropy bad-input sweep (docs/design.md §8.5): a clear error naming the argument, or
 the documented result, on every backend; never a crash in C++, a hang, or a silent NaN.
 
 The argument checks run before any backend is picked, so they are tested once; the

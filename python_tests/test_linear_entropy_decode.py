@@ -1,6 +1,6 @@
 """The T=1 linear_entropy kernel (ops/linear_entropy/triton_decode.py) against the float64
 reference: entropy, logits and dH/dh, each within 2x the error of plain PyTorch in the same
-dtype (DESIGN.md §5). Runs on CUDA, or under the Triton interpreter on CPU.
+dtype (docs/design.md §5). Runs on CUDA, or under the Triton interpreter on CPU.
 """
 
 import math

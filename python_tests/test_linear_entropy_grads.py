@@ -1,4 +1,4 @@
-"""linear_entropy backward: gradients of every layout reach every backend (issue 8 §1).
+"""linear_entropy backward: gradients of every layout reach every backend (docs/design.md §8.1).
 
 ``.sum()`` hands the backward a stride-0 gradient, ``.mean()`` a stride-0 one of 1/n,
 a slice of a bigger tensor a strided one. Each form, for each differentiable input

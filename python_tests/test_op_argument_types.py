@@ -1,4 +1,4 @@
-"""The ops take what users pass (issue 26, item 6): ``span`` as a tensor, list, tuple or
+"""The ops take what users pass (docs/design.md §8.6): ``span`` as a tensor, list, tuple or
 ``range``; ``attention_mask`` as a boolean, additive float or transformers' integer 0/1
 ``[B, N]`` padding mask. Any other type is an error that names the argument.
 

@@ -199,7 +199,7 @@ def test_prune_cache_rejects_bad_caches():
         prune_cache(DynamicCache(config=model.config), torch.tensor([0]), 0.5)
 
 
-# ---- bad-input sweep (issue 8 §5): a clear error naming the argument, or the right result
+# ---- bad-input sweep (docs/design.md §8.5): a clear error naming the argument, or the right result
 
 
 def _kept_by_float64_norm(value: torch.Tensor, span: torch.Tensor, n_keep: int) -> list:

@@ -1,4 +1,4 @@
-"""Per-row spans (issue 11 §2): a left-padded batch whose rows modulate different positions
+"""Per-row spans (docs/design.md §10.2): a left-padded batch whose rows modulate different positions
 runs in one ``vk.generate`` call and matches its rows run one by one, tokens and traces,
 with and without Lite pruning; the span forms ``generate`` accepts; and the property the
 design rests on, that a zero delta leaves attention bit-exact on every backend."""

@@ -17,6 +17,8 @@ import torch
 
 from python_tests.distributed_utils import run_ranks
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 NEW = 8
 TRACES = ("entropy", "entropy_ema", "alpha", "delta_norm")
 

@@ -2,7 +2,7 @@
 
 The interpreter accepts code a real compile rejects (tl.dot shapes, layouts, globals that
 are not constexpr, register and shared-memory limits, spills). ``benchmarks/triton_aot.py``
-records the launches the launchers make at DESIGN.md §6 shapes (every dtype, every kept
+records the launches the launchers make at docs/design.md §6 shapes (every dtype, every kept
 autotune config) and compiles them; this checks what the hardware would refuse or run
 slowly. In CI it compiles ``triton_aot.cover`` (every kernel, tile configuration, warps and
 stages per target once, each flag value and dtype of each kernel at least once);

@@ -1,4 +1,4 @@
-"""One launch style for the Triton kernels (issue 21, item 3), read from the source with
+"""One launch style for the Triton kernels (docs/design.md §11.3), read from the source with
 ``ast``: every ``kernel[grid](...)`` passes its arguments by keyword, so a launch names
 what it passes and an absent input is ``None`` next to its ``HAS_*`` flag rather than a
 stand-in tensor in position."""

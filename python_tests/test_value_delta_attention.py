@@ -1,7 +1,7 @@
 """value_delta_attention: every backend against the float64 reference (ops/value_delta_attention/naive.py).
 
 Each backend's error (output, grad of query, grad of delta_v) is bounded by k x the error
-of the plain PyTorch reference run in the same dtype (DESIGN.md §5). Inputs are fresh
+of the plain PyTorch reference run in the same dtype (docs/design.md §5). Inputs are fresh
 random draws with odd sizes; kernel outputs start as NaN (conftest), so an unwritten
 element fails. Triton runs under the interpreter on CPU, so its N is kept small.
 """

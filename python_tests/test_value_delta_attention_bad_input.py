@@ -1,4 +1,4 @@
-"""value_delta_attention bad-input sweep (issue 8 §5): a clear error naming the argument,
+"""value_delta_attention bad-input sweep (docs/design.md §8.5): a clear error naming the argument,
 or the reference's result, on every backend; never a crash in C++ or a silent NaN/0.
 
 The argument checks run before a backend is picked, so they are tested once (the cases

@@ -1,4 +1,4 @@
-"""value_delta_attention backward: gradients of every layout reach every backend (issue 8 §1, §3).
+"""value_delta_attention backward: gradients of every layout reach every backend (docs/design.md §8.1, §8.3).
 
 ``.sum()`` hands the backward a stride-0 gradient, ``.mean()`` a stride-0 one of 1/n, a
 transposed or sliced tensor a strided one. Each form, for each differentiable input alone

@@ -1,5 +1,5 @@
 """Shared assertions: a kernel is judged against a float64 reference, relative to the
-error the same-dtype PyTorch implementation makes on the same input (DESIGN.md §5).
+error the same-dtype PyTorch implementation makes on the same input (docs/design.md §5).
 
 This is flash-attention's rule: ``err(kernel) <= k * err(plain PyTorch) + floor`` with
 k = 2, where both errors are measured against the same computation in float64.

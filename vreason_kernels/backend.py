@@ -1,4 +1,4 @@
-"""Backend names and how ``backend="auto"`` resolves them (DESIGN.md §3).
+"""Backend names and how ``backend="auto"`` resolves them (docs/design.md §3).
 
 - ``"auto"``: Triton on CUDA tensors, the C++ extension on CPU tensors (the torch
   reference when the extension is missing).

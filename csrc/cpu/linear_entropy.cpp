@@ -1,4 +1,4 @@
-// CPU kernels of the fused linear entropy (DESIGN.md §2.1).
+// CPU kernels of the fused linear entropy (docs/design.md §2.1).
 //
 // Per row h of hidden, with z_j = (w_j . h + b_j) / tau and p = softmax(z):
 //   H = logsumexp(z) - sum_j p_j z_j,   dH/dz_j = -p_j (z_j - mu),   mu = E_p[z],

@@ -1,4 +1,4 @@
-// CPU kernels of value-delta attention, fused for the decode regime (DESIGN.md §2.2, §2.3).
+// CPU kernels of value-delta attention, fused for the decode regime (docs/design.md §2.2, §2.3).
 //
 // Per (batch b, kv-head g) the R = G*T query rows of the group (G = Hq/Hkv q-heads, T
 // queries; row r = j*T + t is q-head g*G + j) share one pass over K and V. Value rows

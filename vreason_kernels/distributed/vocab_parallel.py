@@ -2,7 +2,7 @@
 
 Rank ``k`` holds the contiguous vocabulary rows ``W_k [V_k, D]`` (and ``b_k``). It computes
 its slice's partial statistics ``(m_k, s_k, t_k, A_k, B_k)`` (``ops/linear_entropy/partials.py``,
-DESIGN.md §2.1) from its own rows only; ONE all-gather brings every rank's partials,
+docs/design.md §2.1) from its own rows only; ONE all-gather brings every rank's partials,
 ``2 D + 3`` floats per row (3 without a hidden gradient), to every rank; each rank folds
 them with ``merge_partials`` (the same deterministic reduction everywhere) and finishes::
 

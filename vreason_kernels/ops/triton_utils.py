@@ -5,7 +5,7 @@
 - ``split_plan``: how a long axis (vocabulary, keys, a GEMM's K) is cut into splits;
 - ``autotune_configs`` / ``tuned``: the configs an autotuned kernel may try;
 - ``rescale`` and ``online_softmax_tile``: one tile of the online softmax, kept relative
-  to its running max (DESIGN.md §2.1).
+  to its running max (docs/design.md §2.1).
 
 Importing this module imports triton: only the Triton backends import it.
 """

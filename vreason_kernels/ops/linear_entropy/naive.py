@@ -2,7 +2,7 @@
 
     z = (W h + b) / tau,   p = softmax(z),   H = -sum_j p_j log p_j   (nats)
 
-Everything is computed relative to the row max m, as the kernels do (DESIGN.md §2.1):
+Everything is computed relative to the row max m, as the kernels do (docs/design.md §2.1):
 with d_j = z_j - m, e_j = e^{d_j}, s = sum e_j and t = sum e_j d_j,
 
     H = log s - t/s,   lse = m + log s,   mu = E_p[z] = m + t/s,

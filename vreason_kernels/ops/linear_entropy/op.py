@@ -2,7 +2,7 @@
 one place that picks the backend module (naive.py, cpp.py, triton_backend.py).
 
 The forward of every backend returns ``dH/dh`` from the same single pass over the
-weight that gives the entropy (DESIGN.md §2.1), so the backward for ``hidden`` only
+weight that gives the entropy (docs/design.md §2.1), so the backward for ``hidden`` only
 scales it by ``grad_output``. ``dW``/``db`` take a second pass over the weight, run
 only when the weight or bias requires grad.
 """

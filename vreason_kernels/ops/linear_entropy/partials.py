@@ -1,6 +1,6 @@
 """Partial statistics of ``linear_entropy`` over a slice of the vocabulary, and their merge.
 
-For the vocabulary rows ``j`` of one slice (DESIGN.md §2.1), with ``z_j = (w_j . h + b_j) / tau``
+For the vocabulary rows ``j`` of one slice (docs/design.md §2.1), with ``z_j = (w_j . h + b_j) / tau``
 and the slice's max ``m``::
 
     s = sum e^{z_j - m}          t = sum e^{z_j - m} (z_j - m)

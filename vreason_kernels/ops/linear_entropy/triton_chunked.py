@@ -1,6 +1,6 @@
 """``linear_entropy`` over many rows: statistics first, then the gradients as two plain products.
 
-Notation as ``triton_one_pass`` (DESIGN.md §2.1). With the row statistics known (max M,
+Notation as ``triton_one_pass`` (docs/design.md §2.1). With the row statistics known (max M,
 ``log S``, ``mu``), the gradients need no online rescale::
 
     G[r, j] = dH_r/dlogit_rj = -p_rj (z_rj - mu_r) / tau,     p_rj = e^{z_rj - M_r - log S_r}

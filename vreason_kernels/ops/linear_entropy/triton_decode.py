@@ -1,6 +1,6 @@
 """The T=1 (decode) partials kernel of ``linear_entropy``: W streamed once, A/B on chip.
 
-Same sums as ``triton_one_pass._forward_partials_kernel`` (DESIGN.md §2.1), for one row::
+Same sums as ``triton_one_pass._forward_partials_kernel`` (docs/design.md §2.1), for one row::
 
     s = sum e^{z_j - m}        t = sum e^{z_j - m} (z_j - m)
     A = sum e^{z_j - m} w_j    B = sum e^{z_j - m} (z_j - m) w_j
@@ -47,7 +47,7 @@ def _decode_partials_kernel(
 ):
     """Online softmax statistics of vocabulary rows ``[split chunk, (split + 1) chunk)`` for one hidden row.
 
-    Per tile, with ``m' = max(m, max_j z_j)`` and ``r = e^{m - m'}`` (DESIGN.md §2.1):
+    Per tile, with ``m' = max(m, max_j z_j)`` and ``r = e^{m - m'}`` (docs/design.md §2.1):
     ``t <- r (t + (m - m') s) + sum e (z - m')``, ``s <- r s + sum e``,
     ``B <- r (B + (m - m') A) + sum_j e_j (z_j - m') w_j``, ``A <- r A + sum_j e_j w_j``.
     Masked entries (z = -inf, or past the chunk) get weight exactly 0.

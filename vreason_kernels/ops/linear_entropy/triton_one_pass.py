@@ -1,6 +1,6 @@
 """``linear_entropy``'s one-pass partials kernel: W read once, for any number of rows.
 
-Notation (DESIGN.md §2.1): ``z = (W h + b) / tau``, ``p = softmax(z)``,
+Notation (docs/design.md §2.1): ``z = (W h + b) / tau``, ``p = softmax(z)``,
 ``H = logsumexp(z) - sum_j p_j z_j``, ``dH/dz_j = -p_j (z_j - mu)`` with ``mu = E_p[z]``.
 
 ``_forward_partials_kernel``, grid ``(row blocks, vocabulary splits)``: each program
@@ -73,7 +73,7 @@ def _forward_partials_kernel(
         B <- r (B + (m - m') A) + [e^{z - m'} (z - m')] @ W_tile
         A <- r A               + [e^{z - m'}] @ W_tile
 
-    (the rescales are DESIGN.md §2.1's). Masked entries (z = -inf) get weight exactly 0
+    (the rescales are docs/design.md §2.1's). Masked entries (z = -inf) get weight exactly 0
     via ``where`` rather than e^{-inf} * (-inf) = NaN. Writes this split's (m, s, t) at
     ``[split, row]`` and its (A, B) at ``[split, row, :]``.
     """

@@ -1,4 +1,4 @@
-"""``prune_kv``: the paper's "Lite" mode (DESIGN.md §1, §3).
+"""``prune_kv``: the paper's "Lite" mode (docs/design.md §1, §3).
 
 After prefill, the video rows of the KV cache with the smallest value norm are dropped.
 The op is a sort and a gather, so plain torch serves every device; it runs once per

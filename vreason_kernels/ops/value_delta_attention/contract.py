@@ -1,5 +1,5 @@
 """The parts of ``value_delta_attention``'s contract that the dispatcher and every backend
-share: the norm floor of the value map (DESIGN.md §2.2) and what an attention mask means.
+share: the norm floor of the value map (docs/design.md §2.2) and what an attention mask means.
 
     u = v + delta,   n = max(||u||, EPS),   v' = u ||v|| / n
 """

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference for value-delta attention: the spec the kernels must match.
 
-Value rows at the span positions are replaced by the norm-preserving map (DESIGN.md §2.2)
+Value rows at the span positions are replaced by the norm-preserving map (docs/design.md §2.2)
 
     u = v + delta,   n = max(||u||, eps),   v' = u ||v|| / n        (eps = 1e-6)
 
@@ -18,7 +18,7 @@ Two things live here:
   both the float64 reference and the same-dtype baseline of the tests.
 - ``forward``/``backward``: the ``"torch"`` backend of the custom op (op.py), with the
   contract every backend shares. Custom-op bodies run below autograd, so the backward
-  is in closed form (DESIGN.md §2.3 chained through §2.2).
+  is in closed form (docs/design.md §2.3 chained through §2.2).
 """
 
 from typing import Optional

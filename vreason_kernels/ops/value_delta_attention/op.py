@@ -7,7 +7,7 @@ forward. The backward needs only ``lse`` from it: P is recomputed from lse, as i
 flash-attention, and so is FA's row term ``D = rowsum(dO * O)``, as ``sum_j P_j dP_j``
 from the fp32 dP (the output, rounded to the input dtype, would leave a row whose
 softmax is one-hot a dQ of rounding noise instead of 0). The gradient of ``delta_v`` is
-chained through §2.2 inside the backend (DESIGN.md §2.3).
+chained through §2.2 inside the backend (docs/design.md §2.3).
 """
 
 from typing import Optional

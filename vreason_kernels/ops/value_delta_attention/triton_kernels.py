@@ -1,7 +1,7 @@
 """The Triton kernels of ``value_delta_attention``: the value delta applied inside the kernel
 (their launches are ``triton_backend``'s).
 
-Notation (DESIGN.md §2.2-2.3): a span row ``i`` of kv-head ``h`` has
+Notation (docs/design.md §2.2-2.3): a span row ``i`` of kv-head ``h`` has
 ``u = v_i + delta_j`` (``j = span_index[i]``), ``n = max(||u||, eps)`` and
 ``v'_i = u ||v_i|| / n``; other rows keep ``v'_i = v_i``. Attention is then the usual
 ``out = softmax(scale q k^T + bias) v'`` with GQA and a bottom-right causal mask.
