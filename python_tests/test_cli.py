@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-import vreason_kernels.models
+import vreason_kernels.loading
 from python_tests.tiny_models import save_tiny_text_checkpoint
 from python_tests.utils import repo_env
 from vreason_kernels.__main__ import main
@@ -23,14 +23,14 @@ from vreason_kernels._version import __version__
 from vreason_kernels.cli.demo import DEMO_QUESTIONS, is_right
 from vreason_kernels.cli.parser import build_parser
 from vreason_kernels.engine.config import VReasonConfig
-from vreason_kernels.models import checkpoint_location, shipped_smollm2_path
+from vreason_kernels.loading import checkpoint_location, shipped_smollm2_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
 def loaded_smollm2(smollm2, monkeypatch):
-    monkeypatch.setattr(vreason_kernels.models, "load_causal_lm", lambda *args, **kwargs: smollm2)
+    monkeypatch.setattr(vreason_kernels.loading, "load_causal_lm", lambda *args, **kwargs: smollm2)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_progress_bar_on_a_terminal(tiny, capsys, monkeypatch):
 
 
 def test_third_party_output_is_quiet_unless_verbose(tiny, capsys, monkeypatch):
-    real_load = vreason_kernels.models.load_causal_lm
+    real_load = vreason_kernels.loading.load_causal_lm
 
     logs_on = []
 
@@ -133,7 +133,7 @@ def test_third_party_output_is_quiet_unless_verbose(tiny, capsys, monkeypatch):
         warnings.warn("a third-party deprecation", FutureWarning)
         return real_load(path, **kwargs)
 
-    monkeypatch.setattr(vreason_kernels.models, "load_causal_lm", noisy_load)
+    monkeypatch.setattr(vreason_kernels.loading, "load_causal_lm", noisy_load)
     for flags, shown in (([], False), (["-v"], True)):
         assert main(["generate", "--model", tiny, "--prompt", "hi", "--max-new-tokens", "2", *flags]) == 0
         err = capsys.readouterr().err

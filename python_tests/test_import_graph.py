@@ -19,7 +19,7 @@ PACKAGE = "vreason_kernels"
 
 # Lowest first; a module is in the layer of the longest prefix that names it.
 LAYERS = {
-    "leaf": ["_alloc", "_checks", "_extension", "_version", "backend", "models", "loading", "video"],
+    "leaf": ["_alloc", "_checks", "_extension", "_version", "backend", "loading", "video"],
     "ops": ["ops"],
     "engine": ["engine", "distributed", "reference"],
     "cli": ["integrations", "cli", "__main__", "_transformers_hook"],
@@ -105,17 +105,7 @@ def test_no_import_circle():
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
-# Layers whose modules still import upward, with what their owners are to remove (issue
-# 21, item 1): strict, so that the mark must go once they are clean.
-PENDING = {
-    "engine": "engine.loop and engine.spans import integrations.transformers",
-}
-
-
-@pytest.mark.parametrize("layer", [
-    pytest.param(layer, marks=pytest.mark.xfail(strict=True, reason=PENDING[layer])) if layer in PENDING else layer
-    for layer in LAYERS
-])
+@pytest.mark.parametrize("layer", list(LAYERS))
 def test_no_import_runs_up_or_to_the_package_face(layer):
     bad = []
     for module, targets in GRAPH.items():

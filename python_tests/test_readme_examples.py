@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import vreason_kernels.models
-from vreason_kernels.models import shipped_smollm2_path
+import vreason_kernels.loading
+from vreason_kernels.loading import shipped_smollm2_path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<code>.*?)^```\s*$", re.S | re.M)
@@ -46,12 +46,12 @@ WITHOUT_MODEL = [i for i in range(len(RUNNABLE)) if i not in WITH_MODEL]
 
 @pytest.mark.parametrize("index", WITH_MODEL, ids=lambda i: f"block{i + 1}")
 def test_readme_block_with_the_shipped_model_runs(index, smollm2, monkeypatch, capsys):
-    real = vreason_kernels.models.load_causal_lm
+    real = vreason_kernels.loading.load_causal_lm
 
     def load(model, **kwargs):
         return smollm2 if Path(model) == shipped_smollm2_path() and not kwargs else real(model, **kwargs)
 
-    monkeypatch.setattr(vreason_kernels.models, "load_causal_lm", load)
+    monkeypatch.setattr(vreason_kernels.loading, "load_causal_lm", load)
     _run(RUNNABLE[index], f"README.md python block {index + 1}", capsys)
 
 

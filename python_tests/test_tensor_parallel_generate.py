@@ -56,7 +56,7 @@ def _compare(tag, sharded, whole):
 def _delta_moves_like_whole(model_tp, model, inputs):
     """One V-Reason update by hand: each rank's ΔV gradient equals its heads' slice of the whole one."""
     from vreason_kernels.engine.controller import kl_to_uniform_loss
-    from vreason_kernels.engine.decode import model_parts
+    from vreason_kernels.engine.model_parts import model_parts
     from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
     from vreason_kernels.integrations.transformers import ValueDeltaContext, vreason_attention
 
@@ -118,12 +118,12 @@ def _assert_sharded(model, kind):
     from packaging.version import Version
     from torch.distributed.tensor import DTensor
 
-    from vreason_kernels.engine.decode import model_parts
+    from vreason_kernels.engine.model_parts import model_parts
 
     parts = model_parts(model)
-    assert parts.kv_group(len(parts.layers) - 1) is not None, f"{kind}: the last layer is not sharded"
+    assert parts.kv_process_group(len(parts.layers) - 1) is not None, f"{kind}: the last layer is not sharded"
     if kind == "llama" or Version(transformers.__version__) >= Version("5.24"):
-        assert isinstance(model.lm_head.weight, DTensor) and parts.tp_group is not None, f"{kind}: head not sharded"
+        assert isinstance(model.lm_head.weight, DTensor) and parts.process_group is not None, f"{kind}: head not sharded"
         assert parts.head_weight.shape[0] < parts.vocab_size
 
 

@@ -12,7 +12,7 @@ from vreason_kernels.integrations import (
     default_span,
     vreason_attention,
 )
-from vreason_kernels.integrations.transformers import _CONTEXT_ATTR
+from vreason_kernels.engine.attention import _CONTEXT_ATTR
 
 # fp32 logits of the same model through two attention implementations differ by rounding only.
 LOGIT_ATOL = 2e-4

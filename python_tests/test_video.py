@@ -78,7 +78,7 @@ def test_a_processor_without_video_support_is_a_clear_error(smollm2, video_file)
 
 @needs_video_processor
 def test_api_video_tokens_come_from_the_processor_and_form_the_span(checkpoint, video_file):
-    from vreason_kernels.models import load_causal_lm
+    from vreason_kernels.loading import load_causal_lm
 
     model, processor = load_causal_lm(checkpoint)
     inputs = video_chat_inputs(processor, video_file, "What moves?", num_frames=4)

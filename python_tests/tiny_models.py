@@ -197,7 +197,7 @@ def qwen_vision_tokenizer():
     """The shipped SmolLM2 tokenizer plus Qwen's vision special tokens and a chat template (offline)."""
     from transformers import AutoTokenizer
 
-    from vreason_kernels.models import shipped_smollm2_path
+    from vreason_kernels.loading import shipped_smollm2_path
 
     gguf = shipped_smollm2_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -6,7 +6,7 @@ Public API::
     vk.linear_entropy(hidden, weight, bias=None, *, temperature=1.0, return_logits=False, backend="auto")
     vk.value_delta_attention(query, key, value, delta_v=None, span=None, *, attention_mask=None,
                              scale=None, causal=True, backend="auto")
-    vk.prune_kv(key, value, span, keep_ratio)
+    vk.prune_kv(key, value, span, *, keep_ratio, backend="auto")
     vk.generate(model, input_ids, *, config=None, ...) -> vk.VReasonOutput
         # config=None is VReasonConfig(): V-Reason on; VReasonConfig(enabled=False) is plain decoding
     vk.reference.generate(...)        # the naive V-Reason decoding, same signature

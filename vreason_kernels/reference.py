@@ -23,11 +23,12 @@ import torch
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV
+from vreason_kernels.engine.guard import span_value_norms, warn_nan_resets, warn_runaway
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
-from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
-from vreason_kernels.engine.guard import span_value_norms, warn_runaway
 from vreason_kernels.engine.loop import is_update_step
+from vreason_kernels.engine.model_parts import prefill_position_ids, restored_model
 from vreason_kernels.engine.output import VReasonOutput
+from vreason_kernels.engine.run import prepare_run
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.engine.spans import lite_prune
 from vreason_kernels.ops.value_delta_attention.naive import modulate_rows

@@ -33,14 +33,14 @@ def is_right(answer: str, known: str) -> bool:
 
 
 def demo_command(args) -> int:
-    import vreason_kernels.models as models
+    import vreason_kernels.loading as loading
     from vreason_kernels.engine import generate
 
     questions = DEMO_QUESTIONS[: args.questions]
     print("loading the shipped SmolLM2-135M-Instruct ...", file=sys.stderr, flush=True)
     with third_party_quiet(args.verbose):
         with silenced_stderr(args.verbose):
-            model, tok = models.load_causal_lm(models.shipped_smollm2_path())
+            model, tok = loading.load_causal_lm(loading.shipped_smollm2_path())
         runs = []
         start = time.perf_counter()
         for i, (question, known) in enumerate(questions, 1):

@@ -64,13 +64,13 @@ def _sampling(args, device) -> dict:
 def _model_path(args) -> str:
     if args.model is not None:
         return args.model
-    from vreason_kernels.models import shipped_smollm2_path
+    from vreason_kernels.loading import shipped_smollm2_path
 
     return str(shipped_smollm2_path())
 
 
 def generate_command(args) -> int:
-    import vreason_kernels.models as models
+    import vreason_kernels.loading as loading
     from vreason_kernels.engine import generate
 
     config = _config(args)
@@ -82,7 +82,7 @@ def generate_command(args) -> int:
     path = _model_path(args)
     with third_party_quiet(args.verbose):
         with silenced_stderr(args.verbose):
-            model, processor = models.load_causal_lm(path)
+            model, processor = loading.load_causal_lm(path)
         sampling = _sampling(args, model.device)
         if args.video is not None:
             from vreason_kernels.video import video_chat_inputs

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from vreason_kernels._checks import check_bool, check_int, check_number
-from vreason_kernels.backend import BACKENDS
+from vreason_kernels.backend import check_backend
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 EMA_INITS = ("first", "zero")
@@ -24,7 +24,7 @@ class VReasonConfig:
             through the same loop: the baseline.
         lr: learning rate of the optimizer on ``ΔV`` (default ``5e-2``: the fewest output
             tokens at base accuracy in benchmarks/results/tune_defaults.md, a margin within
-            noise on SmolLM2-135M; see the README). Sane range: 1e-3 to 2e-1, the range
+            noise on SmolLM2-135M; see docs/tuning.md). Sane range: 1e-3 to 2e-1, the range
             the benchmarks tried. Adam moves each entry of ``ΔV`` by up to about ``lr`` per
             update, so ``ΔV`` grows roughly like ``lr`` times the number of updates; at
             the default, 256 tokens on SmolLM2 end near 0.3× ``‖V‖`` at the span. Far
@@ -36,7 +36,7 @@ class VReasonConfig:
         every: run an update every ``every`` decode forwards (default ``1``, the most
             accurate and most costly setting).
         ema_beta: ``H_ema_k = β H_ema_{k-1} + (1 - β) H_k`` (default ``0.9``).
-        ema_init: how the EMA starts (default ``"zero"``; README, "Defaults", has the
+        ema_init: how the EMA starts (default ``"zero"``; docs/tuning.md has the
             evidence). ``"zero"``: ``H_ema_0 = 0`` with no bias correction, so the EMA
             climbs for about ``1 / (1 - β)`` tokens (``α = +1``, exploration) before it
             can peak. ``"first"``: ``H_ema_1 = H_1``, so when the first token is the most
@@ -86,8 +86,7 @@ class VReasonConfig:
         check_number("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_open=True)
         if self.max_delta_norm is not None:
             check_number("max_delta_norm", self.max_delta_norm, low=0.0, low_open=True)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend(self.backend)
 
     def make_optimizer(self, delta: torch.Tensor) -> torch.optim.Optimizer:
         """The optimizer over the single leaf tensor ``delta``."""

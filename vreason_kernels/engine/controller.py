@@ -21,9 +21,10 @@ from vreason_kernels.engine.hf_cache import replace_cache_kwarg
 class EntropySwitch:
     """``H_ema_k = β H_ema_{k-1} + (1 - β) H_k``, its running peak, and ``α_k = -1`` if
     ``H_ema_k < peak_k`` else ``+1``, per sample. The EMA starts at ``H_1`` (``init="first"``)
-    or at ``H_ema_0 = 0`` (``init="zero"``, no bias correction: it climbs before it peaks)."""
+    or at ``H_ema_0 = 0`` (``init="zero"``, no bias correction: it climbs before it peaks).
+    The defaults are ``VReasonConfig``'s ``ema_beta`` and ``ema_init``."""
 
-    def __init__(self, beta: float, init: str = "first"):
+    def __init__(self, beta: float = VReasonConfig.ema_beta, init: str = VReasonConfig.ema_init):
         self.beta = beta
         self.init = init
         self.ema = None
@@ -47,13 +48,14 @@ class DeltaV:
     ``member [B, S]`` (optional, see engine/spans.py): the span positions each row owns.
     Entries outside it get no gradient and are held at exactly zero.
 
-    ``group``: under tensor parallelism each rank holds the ΔV of its own kv heads. The
+    ``process_group``: under tensor parallelism each rank holds the ΔV of its own kv heads. The
     elementwise step is local; the per-sample quantities (non-finite reset, reported
     norm) are reduced over the group so that every rank agrees.
     """
 
-    def __init__(self, config: VReasonConfig, shape, device, member: Optional[torch.Tensor] = None, group=None):
-        self.group = group
+    def __init__(self, config: VReasonConfig, shape, device, member: Optional[torch.Tensor] = None,
+                 process_group=None):
+        self.process_group = process_group
         self.delta = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
         self.optimizer = config.make_optimizer(self.delta)
         self.max_norm = config.max_delta_norm
@@ -81,8 +83,8 @@ class DeltaV:
         # A sample whose ΔV (or optimizer state) went NaN/Inf restarts from zero; the
         # others continue. Counted on device and reported at the end (no sync here).
         bad = ~torch.isfinite(self.delta).flatten(1).all(1)
-        if self.group is not None:
-            bad = all_max(bad.int(), self.group).bool()
+        if self.process_group is not None:
+            bad = all_max(bad.int(), self.process_group).bool()
         self.nan_resets += bad.sum()
         view = bad.view(-1, *([1] * (self.delta.dim() - 1)))
         for t in [self.delta, *self._state_tensors()]:
@@ -94,16 +96,16 @@ class DeltaV:
 
     def norms(self) -> torch.Tensor:
         """``||ΔV||`` per sample, ``[B]`` (over every rank's shard, summed in rank order)."""
-        return sample_norms(self.delta.detach(), self.group)
+        return sample_norms(self.delta.detach(), self.process_group)
 
 
-def sample_norms(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Frobenius norm of each sample of ``x [B, ...]``, ``[B]`` float32; with ``group``,
+def sample_norms(x: torch.Tensor, process_group=None) -> torch.Tensor:
+    """Frobenius norm of each sample of ``x [B, ...]``, ``[B]`` float32; with ``process_group``,
     over every rank's shard of ``x`` (squares summed in rank order, so ranks agree)."""
     x = x.float().flatten(1)
-    if group is None:
+    if process_group is None:
         return torch.linalg.vector_norm(x, dim=1)
-    return all_gather(x.square().sum(1), group).sum(0).sqrt()
+    return all_gather(x.square().sum(1), process_group).sum(0).sqrt()
 
 
 class LayerRerun:

@@ -27,12 +27,14 @@ from typing import Callable, Optional
 
 import torch
 
+from vreason_kernels.engine.attention import ValueDeltaContext, vreason_attention
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.controller import DeltaV, EntropySwitch, LayerRerun, fused_update
+from vreason_kernels.engine.guard import span_value_norms, warn_nan_resets, warn_runaway
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
-from vreason_kernels.engine.decode import prefill_position_ids, prepare_run, restored_model, warn_nan_resets
-from vreason_kernels.engine.guard import span_value_norms, warn_runaway
+from vreason_kernels.engine.model_parts import prefill_position_ids, restored_model
 from vreason_kernels.engine.output import VReasonOutput
+from vreason_kernels.engine.run import prepare_run
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.engine.spans import lite_prune
 
@@ -124,8 +126,6 @@ def generate(
         stack.enter_context(torch.no_grad())
         context = rerun = None
         if run.enabled:
-            from vreason_kernels.integrations.transformers import ValueDeltaContext, vreason_attention
-
             context = ValueDeltaContext(layers=(layer,), span=run.spans.positions, backend=config.backend)
             stack.enter_context(vreason_attention(model, context))
             rerun = LayerRerun(parts.layers, layer)
@@ -149,9 +149,9 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
             context.span = spans.positions
         values = cache.layers[layer].values
         shape = (values.shape[0], values.shape[1], spans.size, values.shape[3])
-        group = parts.kv_group(layer)
-        delta = DeltaV(config, shape, values.device, spans.member, group=group)
-        value_norms = span_value_norms(values, spans.positions, spans.member, group)
+        process_group = parts.kv_process_group(layer)
+        delta = DeltaV(config, shape, values.device, spans.member, process_group=process_group)
+        value_norms = span_value_norms(values, spans.positions, spans.member, process_group)
         context.delta_v[layer] = delta.delta.detach().to(values.dtype)
     recorder.mark_prefill_done()
     switch = EntropySwitch(config.ema_beta, config.ema_init)

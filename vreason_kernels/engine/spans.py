@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vreason_kernels._checks import check_positions, check_positions_values
+from vreason_kernels._checks import check_positions, check_positions_values, check_tensor
 
 # Padding value of a [B, S] span tensor whose rows have different lengths.
 SPAN_PAD = -1
@@ -77,6 +77,28 @@ def _padded_rows(span: Tensor, batch: int) -> list:
     return rows
 
 
+def default_row_spans(model_config, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
+    """Per batch row, the positions that carry the delta by default: int64 ``[S_b]`` each.
+
+    A row's video tokens when the config has ``video_token_id`` and the row holds them,
+    else its image tokens (``image_token_id``), else all of its prompt positions. Positions
+    that ``attention_mask`` ``[B, L]`` hides (left padding) are never included: no query
+    sees them, so a delta there could do nothing. ``input_ids`` is ``[B, L]``.
+    """
+    check_tensor("input_ids", input_ids, ndim=2, floating=False)
+    visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = []
+    for ids, seen in zip(input_ids, visible):
+        hits = seen.clone()  # no video or image token: the whole visible prompt
+        for attr in ("video_token_id", "image_token_id"):
+            token = getattr(model_config, attr, None)
+            if token is not None and bool(((ids == token) & seen).any()):
+                hits = (ids == token) & seen
+                break
+        rows.append(hits.nonzero().flatten())
+    return rows
+
+
 def resolve_spans(model, span, input_ids: Tensor, attention_mask: Tensor) -> RowSpans:
     """The user's span, checked, or the default (:func:`default_row_spans`), per row.
 
@@ -88,8 +110,6 @@ def resolve_spans(model, span, input_ids: Tensor, attention_mask: Tensor) -> Row
     batch, length = input_ids.shape
     device = input_ids.device
     if span is None:
-        from vreason_kernels.integrations.transformers import default_row_spans
-
         return RowSpans.from_rows(default_row_spans(model.config, input_ids, attention_mask), device)
     if isinstance(span, (list, tuple)):
         if len(span) != batch:

@@ -23,7 +23,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from vreason_kernels.engine import VReasonConfig, VReasonOutput, generate
-from vreason_kernels.models import load_causal_lm
+from vreason_kernels.loading import load_causal_lm
 from vreason_kernels.video import video_chat_inputs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
