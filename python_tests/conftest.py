@@ -50,20 +50,35 @@ def pytest_configure(config):
         torch.set_default_device("cuda")
 
 
+def _backend_param(item):
+    params = getattr(item, "callspec", None)
+    return params.params.get("backend") if params else None
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_cuda = pytest.mark.skip(reason="needs a CUDA device (marked cuda)")
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip_cuda)
+    # The C++ cases (a `backend` parameter of "cpp") skip, with the loader's reason, where the
+    # extension is not loaded (a VREASON_SKIP_EXTENSION=1 install, a checkout without a build);
+    # C++-only modules skip themselves the same way. VREASON_REQUIRE_EXTENSION=1 (make test,
+    # make test-wheel) makes them run, and fail, instead.
+    from vreason_kernels.backend import EXTENSION_STATUS
+
+    if not EXTENSION_STATUS.loaded and os.environ.get("VREASON_REQUIRE_EXTENSION") != "1":
+        skip_cpp = pytest.mark.skip(reason=f"C++ extension not loaded: {EXTENSION_STATUS.reason}")
+        for item in items:
+            if _backend_param(item) == "cpp":
+                item.add_marker(skip_cpp)
     wanted = config.getoption("--vk-backends")
     if not wanted:
         return
     wanted = set(wanted.split(","))
     keep, drop = [], []
     for item in items:
-        params = getattr(item, "callspec", None)
-        backend = params.params.get("backend") if params else None
+        backend = _backend_param(item)
         (drop if backend is not None and backend not in wanted else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

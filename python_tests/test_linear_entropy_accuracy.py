@@ -4,21 +4,19 @@ The cases where ``lse - sum p z`` loses digits: a common offset of 1000 on every
 (through the bias, or through the product W h), Liger-style all-positive weights with
 logits of 10-100, tiny and huge temperatures; with odd V and D, large V over small D,
 in float32, float16 and bfloat16. Every output and gradient goes through
-``check_against_reference`` (float64 reference, k = 2).
+``helpers.check_linear_entropy`` (float64 reference, k = 2).
 """
 
 import pytest
 import torch
 
-from python_tests.test_linear_entropy import BACKENDS, DTYPES, check_against_reference
+from python_tests.helpers import BACKENDS, DTYPES, check_linear_entropy, linear_entropy_inputs
 
 ROWS = 3
 
 
 def _gaussian(vocab, dim, dtype):
-    hidden = torch.randn(ROWS, dim)
-    weight = torch.randn(vocab, dim) / dim**0.5
-    return hidden.to(dtype), weight.to(dtype), torch.randn(vocab).to(dtype), 1.0
+    return linear_entropy_inputs(ROWS, vocab, dim, dtype) + (1.0,)
 
 
 def _offset_by_bias(vocab, dim, dtype):
@@ -70,13 +68,13 @@ CASE_DTYPES = [(case, torch.float32) for case in CASES] + [
 @pytest.mark.parametrize("case,dtype", CASE_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
 def test_within_2x_of_pytorch(backend, case, dtype):
     hidden, weight, bias, temperature = CASES[case](*SHAPES[backend], dtype)
-    check_against_reference(backend, hidden, weight, bias, temperature=temperature)
+    check_linear_entropy(backend, hidden, weight, bias, temperature=temperature)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_vocabulary_over_small_dim(backend):
     vocab = 4999 if backend != "triton" else 1237
-    check_against_reference(backend, *_gaussian(vocab, 7, torch.float32)[:3])
+    check_linear_entropy(backend, *_gaussian(vocab, 7, torch.float32)[:3])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,4 +82,4 @@ def test_many_rows_take_the_gemm_path(backend):
     """More than 16 rows: the C++ backend's GEMM tiles (the direct path covers fewer)."""
     hidden = torch.rand(19, 45)
     weight = torch.rand(301, 45) * (160.0 / 45)
-    check_against_reference(backend, hidden, weight, None)
+    check_linear_entropy(backend, hidden, weight, None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.test_linear_entropy import BACKENDS, check_against_reference
+from python_tests.helpers import BACKENDS, check_linear_entropy
 
 R, V, D = 3, 17, 8
 
@@ -97,7 +97,7 @@ def test_non_finite_hidden_row_poisons_that_row_only(backend, bad):
     assert not torch.isfinite(hidden.grad[1]).all()
     assert not torch.isfinite(weight.grad).all()  # a sum over rows, one of them non-finite
     healthy = torch.stack([hidden[0], hidden[2]]).detach()
-    check_against_reference(backend, healthy, weight.detach(), None)
+    check_linear_entropy(backend, healthy, weight.detach(), None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,7 +129,7 @@ def test_sparse_mask_leaves_results_exact(backend):
     bias = torch.randn(V)
     bias[: V // 2] = float("-inf")
     bias[V // 2 + 1 :] = torch.where(torch.rand(V - V // 2 - 1) < 0.5, float("-inf"), 0.0)
-    check_against_reference(backend, hidden, weight, bias)
+    check_linear_entropy(backend, hidden, weight, bias)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,10 +5,12 @@ gradient; these tests pin what they cannot see: chunk boundaries, the matmul's s
 accumulation, strides and mixed dtypes, and which kernels each call launches.
 """
 
+import functools
+
 import pytest
 import torch
 
-from python_tests.utils import assert_close_to_reference
+from python_tests.helpers import assert_close_to_reference, linear_entropy_inputs
 from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.linear_entropy import naive
 
@@ -22,11 +24,7 @@ from vreason_kernels.ops.linear_entropy import triton_matmul  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(rows, vocab, dim, dtype=torch.float32, offset=0.0):
-    hidden = torch.randn(rows, dim, device=DEVICE).to(dtype)
-    weight = (torch.randn(vocab, dim, device=DEVICE) / dim**0.5).to(dtype)
-    bias = (torch.randn(vocab, device=DEVICE) + offset).to(dtype)
-    return hidden, weight, bias
+_inputs = functools.partial(linear_entropy_inputs, device=DEVICE)  # (rows, vocab, dim, dtype)
 
 
 def _check(hidden, weight, bias, temperature=1.0):

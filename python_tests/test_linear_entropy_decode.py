@@ -3,6 +3,7 @@ reference: entropy, logits and dH/dh, each within 2x the error of plain PyTorch 
 dtype (docs/design.md §5). Runs on CUDA, or under the Triton interpreter on CPU.
 """
 
+import functools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import triton
 
 import vreason_kernels as vk
-from python_tests.utils import assert_close_to_reference
+from python_tests.helpers import assert_close_to_reference, linear_entropy_inputs
 from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.linear_entropy import naive
 
@@ -23,11 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _inputs(vocab, dim, dtype, *, bias=True, logit_scale=3.0, offset=0.0):
-    hidden = torch.randn(1, dim, device=DEVICE).to(dtype)
-    weight = (torch.randn(vocab, dim, device=DEVICE) * (logit_scale / math.sqrt(dim))).to(dtype)
-    b = (torch.randn(vocab, device=DEVICE) + offset).to(dtype) if bias else None
-    return hidden, weight, b
+_inputs = functools.partial(linear_entropy_inputs, 1, logit_scale=3.0, device=DEVICE)  # (vocab, dim, dtype): one row
 
 
 def _run(fn, hidden, weight, bias, grad_entropy, **kw):

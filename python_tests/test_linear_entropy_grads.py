@@ -9,7 +9,7 @@ logits, is checked against float64 autograd under the 2x-of-PyTorch rule.
 import pytest
 import torch
 
-from python_tests.test_linear_entropy import BACKENDS, check_against_reference
+from python_tests.helpers import BACKENDS, check_linear_entropy, linear_entropy_inputs
 
 GRAD_FORMS = ["sum", "mean", "strided", "random"]
 INPUTS = ["hidden", "weight", "bias"]
@@ -26,27 +26,23 @@ def grad_of_form(form: str, shape) -> torch.Tensor:
     return torch.randn(shape).double()
 
 
-def _small_inputs(lead=(5,), vocab=77, dim=19, dtype=torch.float32):
-    return torch.randn(*lead, dim).to(dtype), (torch.randn(vocab, dim) / dim**0.5).to(dtype), torch.randn(vocab).to(dtype)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", INPUTS)
 @pytest.mark.parametrize("form", ["sum", "strided", "random"])  # "mean" is the logits test's
 def test_entropy_grad_any_layout(backend, which, form):
-    hidden, weight, bias = _small_inputs()
+    hidden, weight, bias = linear_entropy_inputs((5,), 77, 19)
     grad = grad_of_form(form, hidden.shape[:-1])
     if form in ("sum", "mean"):
         assert grad.stride() == (0,)
     requires_grad = tuple(name == which for name in INPUTS)
-    check_against_reference(backend, hidden, weight, bias, grad_entropy=grad, requires_grad=requires_grad)
+    check_linear_entropy(backend, hidden, weight, bias, grad_entropy=grad, requires_grad=requires_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", GRAD_FORMS)
 def test_entropy_and_logits_grads_any_layout(backend, form):
-    hidden, weight, bias = _small_inputs(lead=(2, 3), vocab=53, dim=21)
-    check_against_reference(
+    hidden, weight, bias = linear_entropy_inputs((2, 3), 53, 21)
+    check_linear_entropy(
         backend, hidden, weight, bias, temperature=0.7,
         grad_entropy=grad_of_form(form, (2, 3)), grad_logits=grad_of_form(form, (2, 3, 53)),
     )
@@ -61,9 +57,9 @@ def test_batched_transposed_hidden_and_strided_weight(backend, dtype):
     weight = torch.randn(vocab, 2 * dim).to(dtype)[:, 1::2]  # stride along D is 2
     bias = torch.randn(3 * vocab).to(dtype)[::3]
     assert not hidden.is_contiguous() and weight.stride(-1) == 2 and bias.stride(0) == 3
-    check_against_reference(backend, hidden, weight, bias, grad_entropy=grad_of_form("strided", (batch, seq)))
+    check_linear_entropy(backend, hidden, weight, bias, grad_entropy=grad_of_form("strided", (batch, seq)))
     weight_t = torch.randn(dim, vocab).to(dtype).t()  # row stride 1, column stride V
-    check_against_reference(backend, hidden, weight_t, None, grad_entropy=grad_of_form("sum", (batch, seq)))
+    check_linear_entropy(backend, hidden, weight_t, None, grad_entropy=grad_of_form("sum", (batch, seq)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,9 +75,9 @@ def test_expanded_inputs(backend):
     # PyTorch reached 4.9x (Triton) and 5.3x (the kernel before it) while its median was
     # 0.75. g = 1 keeps the test on the strides; random gradients are tested above.
     ones = torch.ones(4, dtype=torch.float64)
-    check_against_reference(backend, hidden, weight, bias, grad_entropy=ones)
+    check_linear_entropy(backend, hidden, weight, bias, grad_entropy=ones)
     flat_weight = torch.randn(1, dim).expand(vocab, dim)
-    entropy = check_against_reference(backend, hidden, flat_weight, None, grad_entropy=ones)[0]
+    entropy = check_linear_entropy(backend, hidden, flat_weight, None, grad_entropy=ones)[0]
     assert torch.allclose(entropy, torch.full((4,), float(torch.log(torch.tensor(float(vocab))))), atol=1e-6)
 
 

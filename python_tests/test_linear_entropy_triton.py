@@ -7,9 +7,12 @@ op runs per slice; ``forward`` takes the statistics-first path there, tested in
 test_linear_entropy_chunked.py). The weight gradients checked here take that path too.
 """
 
+import functools
+
 import pytest
 import torch
 
+from python_tests.helpers import linear_entropy_inputs
 from vreason_kernels.backend import triton_interpreted
 from vreason_kernels.ops.linear_entropy import naive
 
@@ -21,11 +24,7 @@ if not (torch.cuda.is_available() or triton_interpreted()):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(rows, vocab, dim, dtype=torch.float32, scale=1.0):
-    hidden = torch.randn(rows, dim, device=DEVICE).to(dtype)
-    weight = (torch.randn(vocab, dim, device=DEVICE) * scale / dim**0.5).to(dtype)
-    bias = torch.randn(vocab, device=DEVICE).to(dtype)
-    return hidden, weight, bias
+_inputs = functools.partial(linear_entropy_inputs, device=DEVICE)  # (rows, vocab, dim, dtype)
 
 
 def _assert_matches_reference(hidden, weight, bias, temperature=1.0, num_splits=None, atol=2e-5):
@@ -62,7 +61,7 @@ def test_fully_masked_splits_and_a_lone_word_in_the_last_split():
 
 def test_large_logits_across_splits():
     # Logits of magnitude ~1e4: each split's max differs by thousands, so r_k underflows to 0.
-    hidden, weight, bias = _inputs(4, 149, 40, scale=2e4)
+    hidden, weight, bias = _inputs(4, 149, 40, logit_scale=2e4)
     out = tk.one_pass_forward(hidden, weight, bias, 1.0, True, False, num_splits=6)
     ref = naive.forward(hidden.double(), weight.double(), bias.double(), 1.0, True, False)
     torch.testing.assert_close(out[0].double(), ref[0], atol=1e-4, rtol=0)

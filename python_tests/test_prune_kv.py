@@ -92,6 +92,11 @@ def test_keep_ratio_one_and_empty_span_are_identity():
     ],
 )
 def test_bad_input(kwargs, error, match):
+    _assert_rejected(kwargs, error, match)
+
+
+def _assert_rejected(kwargs, error, match):
+    """prune_kv on a valid call with ``kwargs`` changed raises ``error`` matching ``match``."""
     args = dict(key=torch.randn(2, 2, 9, 4), value=torch.randn(2, 2, 9, 4), span=torch.tensor([1, 4, 5]))
     args["keep_ratio"] = 0.5
     args.update(kwargs)
@@ -267,4 +272,4 @@ def test_inf_value_rows_rank_first():
     ],
 )  # fmt: skip
 def test_more_bad_input(kwargs, error, match):
-    test_bad_input(kwargs, error, match)
+    _assert_rejected(kwargs, error, match)

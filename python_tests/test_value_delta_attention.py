@@ -6,23 +6,15 @@ random draws with odd sizes; kernel outputs start as NaN (conftest), so an unwri
 element fails. Triton runs under the interpreter on CPU, so its N is kept small.
 """
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vreason_kernels as vk
-from python_tests.utils import assert_close_to_reference, max_abs_err, rounding_floor
+from python_tests.helpers import BACKENDS, DTYPES, check_vda, max_abs_err
+from python_tests.helpers import vda_inputs as _inputs
 from vreason_kernels.ops.value_delta_attention import naive
 
-_NO_CPP = importlib.util.find_spec("vreason_kernels.ops.value_delta_attention.cpp") is None
-BACKENDS = [
-    "torch",
-    pytest.param("cpp", marks=pytest.mark.skipif(_NO_CPP, reason="ops/value_delta_attention/cpp.py not delivered yet")),
-    "triton",
-]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (B, Hq, Hkv, T, N (torch/cpp), N (triton interpreter), D, causal): GQA 7 (28/4) and 8
 # (16/2) scaled down; T = None means prefill (T = N).
@@ -34,28 +26,6 @@ CASES = {
 }
 
 
-def _atol(dtype: torch.dtype, reference: torch.Tensor) -> float:
-    """A few roundings to ``dtype`` at the reference's magnitude, plus 1e-6 of it."""
-    scale = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
-    return rounding_floor(reference, dtype) + 1e-6 * scale
-
-
-def _inputs(b, hq, hkv, t, n, d, dtype, *, span="random", delta_scale=0.5):
-    query = torch.randn(b, hq, t, d)
-    key = torch.randn(b, hkv, n, d)
-    value = torch.randn(b, hkv, n, d)
-    if span == "random":  # a non-contiguous subset
-        positions = torch.randperm(n)[: max(1, (2 * n) // 3)].sort().values
-    elif span == "full":
-        positions = torch.arange(n)
-    else:
-        positions = torch.zeros(0, dtype=torch.long)
-    if positions.numel():
-        value[:, :, positions[0]] = 0.0  # a zero value row must stay zero
-    delta = torch.randn(b, hkv, positions.numel(), d) * delta_scale
-    return [x.to(dtype) for x in (query, key, value, delta)] + [positions.to(torch.int32)]
-
-
 def _run(fn, query, key, value, delta, span, grad_out, **kw):
     """Output and the grads of sum(grad_out * out) w.r.t. query and delta_v."""
     q = query.detach().clone().requires_grad_()
@@ -64,18 +34,6 @@ def _run(fn, query, key, value, delta, span, grad_out, **kw):
     leaves = [q] if dv is None else [q, dv]
     grads = torch.autograd.grad((out.double() * grad_out).sum(), leaves)
     return [out, *grads]
-
-
-def _check(backend, query, key, value, delta, span, *, k=2.0, **kw):
-    grad_out = torch.randn(query.shape, dtype=torch.float64)
-    as64 = [None if x is None else x.double() for x in (query, key, value, delta)]
-    ref = _run(naive.value_delta_attention, *as64, span, grad_out, **kw)
-    base = _run(naive.value_delta_attention, query, key, value, delta, span, grad_out, **kw)
-    got = _run(vk.value_delta_attention, query, key, value, delta, span, grad_out, backend=backend, **kw)
-    assert got[0].dtype == query.dtype
-    for name, g, r, b in zip(("output", "grad query", "grad delta_v"), got, ref, base):
-        assert_close_to_reference(g, r, b, k=k, atol=_atol(query.dtype, r), name=name)
-    return got
 
 
 def _shape(case, backend):
@@ -89,7 +47,7 @@ def _shape(case, backend):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, dtype, case):
     shape, causal = _shape(case, backend)
-    _check(backend, *_inputs(*shape, dtype), causal=causal)
+    check_vda(backend, *_inputs(*shape, dtype), causal=causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,7 +70,7 @@ def test_half_output_is_rounded_to_nearest(backend, dtype):
 )
 def test_span_and_delta_size(backend, span, delta_scale):
     shape, _ = _shape("decode3-gqa8-d80", backend)
-    _check(backend, *_inputs(*shape, torch.float32, span=span, delta_scale=delta_scale), scale=0.3)
+    check_vda(backend, *_inputs(*shape, torch.float32, span=span, delta_scale=delta_scale), scale=0.3)
 
 
 def _padded_mask(b, t, n, additive):
@@ -131,7 +89,7 @@ def test_padded_batch_mask(backend, additive, dtype):
     b, hq, hkv, t, n, d = 3, 8, 2, 5, (53 if backend == "triton" else 211), 64
     inputs = _inputs(b, hq, hkv, t, n, d, dtype)
     mask = _padded_mask(b, t, n, additive)
-    out, grad_q, grad_delta = _check(backend, *inputs, attention_mask=mask)
+    out, grad_q, grad_delta = check_vda(backend, *inputs, attention_mask=mask)
     # The fully masked row outputs exactly 0 and gets zero gradients.
     assert (out[0, :, -1] == 0).all() and (grad_q[0, :, -1] == 0).all()
     assert torch.isfinite(grad_delta).all()

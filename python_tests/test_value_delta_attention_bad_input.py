@@ -2,7 +2,7 @@
 or the reference's result, on every backend; never a crash in C++ or a silent NaN/0.
 
 The argument checks run before a backend is picked, so they are tested once (the cases
-of ``test_value_delta_attention.test_bad_inputs`` are not repeated); layouts, masked
+of ``test_bad_inputs`` in test_value_delta_attention.py are not repeated); layouts, masked
 rows, T > N, extreme scales and non-finite inputs per backend, output and both grads
 against float64 under the 2x rule (whose NaN-pattern check also holds for NaN inputs).
 """
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.test_value_delta_attention_grads import BACKENDS, check_against_reference, run
-from python_tests.utils import assert_close_to_reference
+from python_tests.helpers import BACKENDS, assert_close_to_reference, check_vda, run_vda, vda_inputs
 from vreason_kernels.ops.value_delta_attention import naive
 
 B, HQ, HKV, T, N, D = 2, 4, 2, 3, 11, 16
@@ -20,9 +19,7 @@ SPAN = torch.tensor([1, 4, 5, 9])
 
 
 def _inputs(t=T, dtype=torch.float32):
-    query, key, value = torch.randn(B, HQ, t, D), torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, D)
-    delta = torch.randn(B, HKV, SPAN.numel(), D) * 0.5
-    return [x.to(dtype) for x in (query, key, value, delta)] + [SPAN]
+    return vda_inputs(B, HQ, HKV, t, N, D, dtype, span=SPAN)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +72,7 @@ def _strided(x: torch.Tensor, how: str) -> torch.Tensor:
 def test_key_value_delta_in_any_layout(backend, how):
     query, key, value, delta, span = _inputs()
     key, value, delta = (_strided(x, how) for x in (key, value, delta))
-    check_against_reference(backend, query, key, value, delta, torch.stack([span, span], 1)[:, 0])  # stride 2
+    check_vda(backend, query, key, value, delta, torch.stack([span, span], 1)[:, 0])  # stride 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,7 +107,7 @@ def test_fully_masked_rows_are_zero_with_zero_grads(backend, mask):
     else:
         attention_mask = torch.zeros(B, 1, T, N)
         attention_mask[:, :, 1] = float("-inf")
-    out, dq, ddelta = check_against_reference(backend, query, key, value, delta, span,
+    out, dq, ddelta = check_vda(backend, query, key, value, delta, span,
                                               attention_mask=attention_mask)  # fmt: skip
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
     assert torch.equal(dq[:, :, 1], torch.zeros_like(dq[:, :, 1]))
@@ -122,7 +119,7 @@ def test_fully_masked_rows_are_zero_with_zero_grads(backend, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_more_queries_than_keys(backend, causal, dtype):
     """T = N + 4: causally (bottom-right) the first 4 rows see no key and are 0."""
-    out, dq, _ = check_against_reference(backend, *_inputs(t=N + 4, dtype=dtype), causal=causal)
+    out, dq, _ = check_vda(backend, *_inputs(t=N + 4, dtype=dtype), causal=causal)
     if causal:
         assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4]))
         assert torch.equal(dq[:, :, :4], torch.zeros_like(dq[:, :, :4]))
@@ -132,7 +129,7 @@ def test_more_queries_than_keys(backend, causal, dtype):
 @pytest.mark.parametrize("scale", [0.0, 1e-30, -1.0])
 def test_tiny_and_negative_scales(backend, scale):
     """0 and 1e-30: the plain mean of the visible values; -1: the nearest keys least."""
-    check_against_reference(backend, *_inputs(), scale=scale)
+    check_vda(backend, *_inputs(), scale=scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,10 +139,10 @@ def test_large_scale_near_one_hot_rows(backend):
     lands closer to float64 is then chance, so the 2x rule gets that much floor on top."""
     query, key, value, delta, span = _inputs()
     grad = torch.randn(query.shape)
-    ref = run(naive.value_delta_attention, *(x.double() for x in (query, key, value, delta)), span, "random",
+    ref = run_vda(naive.value_delta_attention, *(x.double() for x in (query, key, value, delta)), span, "random",
               grad.double(), (True, True), scale=30.0)
-    base = run(naive.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True), scale=30.0)
-    got = run(vk.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True), scale=30.0,
+    base = run_vda(naive.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True), scale=30.0)
+    got = run_vda(vk.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True), scale=30.0,
               backend=backend)
     max_score = 30.0 * (query.double() @ key.double().repeat_interleave(HQ // HKV, 1).transpose(-1, -2)).abs().max()
     for name, actual, reference, baseline in zip(("output", "grad query", "grad delta_v"), got, ref, base):
@@ -175,8 +172,8 @@ def test_non_finite_input_is_never_hidden(backend, where, bad):
     tensors[where][0, 0, 1, 2] = bad
     grad = torch.randn(B, HQ, T, D)
     as64 = [x.double() for x in tensors.values()]
-    ref = run(naive.value_delta_attention, *as64, span, "random", grad.double(), (True, True))
-    got = run(vk.value_delta_attention, *tensors.values(), span, "random", grad, (True, True), backend=backend)
+    ref = run_vda(naive.value_delta_attention, *as64, span, "random", grad.double(), (True, True))
+    got = run_vda(vk.value_delta_attention, *tensors.values(), span, "random", grad, (True, True), backend=backend)
     for name, actual, reference in zip(("output", "grad query", "grad delta_v"), got, ref):
         assert actual.isnan()[reference.isnan()].all(), f"{name}: a number where the reference is NaN"
     if where == "query" and bad != bad:
@@ -193,7 +190,7 @@ def test_rows_whose_squares_overflow_float32(backend, dtype, which):
     of squares is inf, which once gave ||u|| = inf and so v' = 0 for every such row."""
     query, key, value, delta, span = _inputs()
     value = value * (1e25 if which == "both" else 1.0)
-    check_against_reference(backend, query.to(dtype), key.to(dtype), value.to(dtype), (delta * 1e25).to(dtype), span)
+    check_vda(backend, query.to(dtype), key.to(dtype), value.to(dtype), (delta * 1e25).to(dtype), span)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

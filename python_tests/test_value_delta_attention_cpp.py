@@ -8,77 +8,22 @@ thread counts, and the kernel's own argument checks. The reference is written in
 naive.py, and run in float64 and, as the baseline, in the inputs' dtype.
 """
 
+import os
+
 import pytest
 import torch
-from python_tests.utils import assert_close_to_reference
 
-from vreason_kernels._extension import HAS_EXTENSION
+from python_tests.helpers import VDA_CPP_N as N
+from python_tests.helpers import check_vda_cpp as check_against_reference
+from python_tests.helpers import vda_cpp_inputs as make_inputs
+from python_tests.helpers import vda_random_span as random_span
+from vreason_kernels.backend import EXTENSION_STATUS
 from vreason_kernels.ops.value_delta_attention import value_delta_attention
 
-pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="C++ extension not built")
-
-N = 1237
-
-
-def reference(query, key, value, delta_v, span, bias, scale, causal):
-    """(out, lse) with V' materialised; rows that see no key give out = 0, lse = -inf."""
-    t, n = query.shape[2], key.shape[2]
-    if delta_v is not None:
-        v_span = value[:, :, span]
-        u = v_span + delta_v
-        v_new = u * v_span.norm(dim=-1, keepdim=True) / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        value = value.index_copy(2, span, v_new)
-    group = query.shape[1] // key.shape[1]
-    s = scale * query @ key.repeat_interleave(group, 1).transpose(-1, -2)
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    if causal:
-        hidden = torch.arange(n) > torch.arange(t).unsqueeze(1) + (n - t)
-        s = s.masked_fill(hidden, float("-inf"))
-    blind = torch.isinf(s).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(blind, 0.0), -1).masked_fill(blind, 0.0)
-    lse = torch.logsumexp(s, -1)
-    return p @ value.repeat_interleave(group, 1), lse
-
-
-def make_inputs(b, hq, hkv, t, d, dtype, span):
-    q = torch.randn(b, hq, t, d, dtype=dtype)
-    k = torch.randn(b, hkv, N, d, dtype=dtype)
-    v = torch.randn(b, hkv, N, d, dtype=dtype)
-    delta = None if span is None else torch.randn(b, hkv, span.numel(), d, dtype=dtype)
-    if span is not None and span.numel() > 1:
-        v[:, :, span[1]] = 0  # a zero row stays zero whatever its delta
-    return q, k, v, delta
-
-
-def random_span(size):
-    return torch.randperm(N)[:size].sort().values
-
-
-def check_against_reference(q, k, v, delta, span, *, mask=None, causal=True, scale=0.3, grad_out=None):
-    """Forward (and with grad_out, dQ and d delta) of backend='cpp' against float64."""
-    leaves = [q] + ([] if delta is None else [delta])
-    for x in leaves:
-        x.requires_grad_(True)
-    out = value_delta_attention(q, k, v, delta, span, attention_mask=mask, scale=scale, causal=causal, backend="cpp")
-
-    def run(dtype):
-        xs = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
-        qx, dx = xs[0], (xs[1] if delta is not None else None)
-        o, _ = reference(qx, k.to(dtype), v.to(dtype), dx, span, mask, scale, causal)
-        grads = torch.autograd.grad(o, xs, grad_out.to(dtype)) if grad_out is not None else ()
-        return o, grads
-
-    out64, grads64 = run(torch.float64)
-    base, grads_base = run(q.dtype)
-    assert_close_to_reference(out, out64, base, name="out")
-    if grad_out is None:
-        return out
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    for name, g, g64, gb in zip(("grad_query", "grad_delta_v"), grads, grads64, grads_base):
-        assert g.dtype == q.dtype
-        assert_close_to_reference(g, g64, gb, name=name)
-    return out, grads
+pytestmark = pytest.mark.skipif(
+    not EXTENSION_STATUS.loaded and os.environ.get("VREASON_REQUIRE_EXTENSION") != "1",
+    reason=f"C++ extension not loaded: {EXTENSION_STATUS.reason}",
+)
 
 
 @pytest.mark.parametrize(

@@ -15,76 +15,21 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.utils import assert_close_to_reference, max_abs_err, rounding_floor
+from python_tests.helpers import BACKENDS, check_vda, max_abs_err, rounding_floor, run_vda
+from python_tests.helpers import vda_inputs as inputs
 from vreason_kernels.ops.value_delta_attention import naive
 
-BACKENDS = ["torch", "cpp", "triton"]
 FORMS = ["sum", "mean", "transposed", "strided", "random"]
 INPUTS = {"query": (True, False), "delta_v": (False, True), "both": (True, True)}
 # (B, Hq, Hkv, T, N, D): G T = 6 rows fit one tile (decode); G T = 74 do not (prefill).
 SHAPES = {"decode": (2, 6, 2, 2, 29, 24), "prefill": (1, 4, 2, 37, 41, 16)}
 
 
-def grad_in_layout(form: str, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A gradient for an output of ``shape`` in ``dtype``: expanded, strided or dense."""
-    if form == "sum":
-        return torch.ones((), dtype=dtype).expand(shape)
-    if form == "mean":
-        return torch.full((), 1.0 / torch.Size(shape).numel(), dtype=dtype).expand(shape)
-    if form == "transposed":
-        return torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype).transpose(-1, -2)
-    if form == "strided":
-        return torch.randn(*shape, 3, dtype=dtype)[..., 1]
-    return torch.randn(shape, dtype=dtype)
-
-
-def inputs(b, hq, hkv, t, n, d, dtype):
-    query, key, value = torch.randn(b, hq, t, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
-    span = torch.randperm(n)[: (2 * n) // 3].sort().values
-    delta = torch.randn(b, hkv, span.numel(), d) * 0.5
-    return [x.to(dtype) for x in (query, key, value, delta)] + [span]
-
-
-def run(fn, query, key, value, delta, span, form, grad, requires_grad, **kw):
-    """Output and the grads of the inputs in ``requires_grad`` (None for the others), the
-    backward called as a user would: ``out.sum()``, ``out.mean()`` or ``out.backward(grad)``."""
-    q = query.detach().clone().requires_grad_(requires_grad[0])
-    dv = delta.detach().clone().requires_grad_(requires_grad[1])
-    out = fn(q, key, value, dv, span, **kw)
-    if form == "sum":
-        out.sum().backward()
-    elif form == "mean":
-        out.mean().backward()
-    else:
-        out.backward(grad.to(out.dtype) if grad.dtype != out.dtype else grad)
-    return out, q.grad, dv.grad
-
-
-def check_against_reference(backend, query, key, value, delta, span, *, form="random", requires_grad=(True, True),
-                            k=2.0, **kw):
-    """Output and the grads of ``backend`` against float64 within k x the same-dtype reference's error."""
-    dtype = query.dtype
-    grad = grad_in_layout(form, query.shape, dtype)
-    as64 = [x.double() for x in (query, key, value, delta)]
-    ref = run(naive.value_delta_attention, *as64, span, form, grad.double(), requires_grad, **kw)
-    base = run(naive.value_delta_attention, query, key, value, delta, span, form, grad, requires_grad, **kw)
-    got = run(vk.value_delta_attention, query, key, value, delta, span, form, grad, requires_grad,
-              backend=backend, **kw)  # fmt: skip
-    for name, actual, reference, baseline in zip(("output", "grad query", "grad delta_v"), got, ref, base):
-        if reference is None:
-            assert actual is None, f"{name} should be None"
-            continue
-        assert actual.dtype == dtype, name
-        floor = rounding_floor(reference, dtype) + 1e-6 * max(1.0, reference.abs().max().item())
-        assert_close_to_reference(actual, reference, baseline, k=k, atol=floor, name=name)
-    return got
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["query", "delta_v"])
 @pytest.mark.parametrize("form", FORMS)
 def test_grads_any_layout(backend, which, form):
-    check_against_reference(backend, *inputs(*SHAPES["decode"], torch.float32), form=form,
+    check_vda(backend, *inputs(*SHAPES["decode"], torch.float32), form=form,
                             requires_grad=INPUTS[which], scale=0.4)  # fmt: skip
 
 
@@ -92,14 +37,14 @@ def test_grads_any_layout(backend, which, form):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", ["sum", "transposed"])
 def test_prefill_grads_any_layout(backend, dtype, form):
-    check_against_reference(backend, *inputs(*SHAPES["prefill"], dtype), form=form, causal=form == "sum")
+    check_vda(backend, *inputs(*SHAPES["prefill"], dtype), form=form, causal=form == "sum")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", ["mean", "strided"])
 def test_half_grads_any_layout(backend, dtype, form):
-    check_against_reference(backend, *inputs(*SHAPES["decode"], dtype), form=form)
+    check_vda(backend, *inputs(*SHAPES["decode"], dtype), form=form)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,10 +64,10 @@ def test_grads_with_a_large_common_value(backend, shape):
         query, key, value, delta, span = inputs(*SHAPES[shape], torch.float32)
         key, value = key * 3, value + 30
         grad = torch.randn(query.shape)
-        ref = run(naive.value_delta_attention, *(x.double() for x in (query, key, value, delta)), span, "random",
+        ref = run_vda(naive.value_delta_attention, *(x.double() for x in (query, key, value, delta)), span, "random",
                   grad.double(), (True, True))  # fmt: skip
-        base = run(naive.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True))
-        got = run(vk.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True),
+        base = run_vda(naive.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True))
+        got = run_vda(vk.value_delta_attention, query, key, value, delta, span, "random", grad, (True, True),
                   backend=backend)  # fmt: skip
         errors.append(torch.tensor([max_abs_err(x, r) for x, r in zip(got, ref)]))
         baselines.append(torch.tensor([max_abs_err(x, r) for x, r in zip(base, ref)]))
