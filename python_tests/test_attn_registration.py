@@ -32,11 +32,13 @@ def _run(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 def test_import_vreason_kernels_does_not_load_transformers():
     out = _run("import sys, vreason_kernels\nprint('transformers' in sys.modules)")
     assert out.strip() == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "imports",
     [
@@ -49,6 +51,7 @@ def test_attn_implementation_vreason_after_plain_import(imports):
     assert _run(imports + "\n" + _BUILD_MODEL).strip().endswith("OK")
 
 
+@pytest.mark.slow
 def test_without_the_import_transformers_rejects_it():
     """The control: the positive tests above pass because of the import, not by accident."""
     result = subprocess.run([sys.executable, "-c", _BUILD_MODEL], capture_output=True, text=True, timeout=300)

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from python_tests.utils import REPO, repo_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -14,6 +16,7 @@ import summarize  # noqa: E402
 sys.path.remove(str(REPO / "benchmarks"))
 
 
+@pytest.mark.slow  # runs a benchmark in a subprocess
 def test_a_quick_cpu_run_writes_a_complete_record(tmp_path):
     out = tmp_path / "attention.json"
     argv = ["benchmarks/bench_value_delta_attention.py", "--device", "cpu", "--quick", "--n", "48",

@@ -26,6 +26,7 @@ def test_extension_is_loaded():
     assert _extension.STATUS.loaded, _extension.STATUS.reason
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_torch_older_than_2_10_turns_the_extension_off_with_one_warning():
     # A fresh interpreter that sees torch as 2.9: the package imports, says why once, and
     # `auto` runs CPU tensors on the torch reference.

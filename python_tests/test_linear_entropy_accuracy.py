@@ -12,6 +12,8 @@ import torch
 
 from python_tests.helpers import BACKENDS, DTYPES, check_linear_entropy, linear_entropy_inputs
 
+pytestmark = pytest.mark.slow  # the sweep: many cases of 3-7 s on a 2-core CPU
+
 ROWS = 3
 
 

@@ -55,7 +55,9 @@ def _assert_within_2x(name, got, want, plain):
         assert_close_to_reference(got, want, plain.double(), k=2.0, atol=floor, name=name)
 
 
-@pytest.mark.parametrize("scratch_rows", [1, 4, 7, 1000], ids=lambda r: f"{r}-rows-per-chunk")
+@pytest.mark.parametrize(
+    "scratch_rows", [pytest.param(1, marks=pytest.mark.slow), 4, 7, 1000], ids=lambda r: f"{r}-rows-per-chunk"
+)
 def test_any_chunking_matches_reference(monkeypatch, scratch_rows):
     vocab = 211
     monkeypatch.setattr(chunked, "SCRATCH_BYTES", scratch_rows * 4 * vocab)

@@ -78,7 +78,9 @@ def test_launches_the_decode_kernel_for_one_row(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("vocab,dim,bias", [(301, 33, True), (1237, 80, False), (37, 17, True)])
+@pytest.mark.parametrize(
+    "vocab,dim,bias", [(301, 33, True), pytest.param(1237, 80, False, marks=pytest.mark.slow), (37, 17, True)]
+)
 def test_matches_reference(dtype, vocab, dim, bias):
     _check(*_inputs(vocab, dim, dtype, bias=bias))
 

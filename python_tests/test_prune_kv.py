@@ -181,12 +181,14 @@ def _check_prune_then_generate(model, input_ids, span, steps):
     assert torch.equal(_greedy_from_cache(model, cache, first, n, steps), full[:, n:])
 
 
+@pytest.mark.slow  # over ~3 s on a 2-core CPU
 def test_prune_cache_tiny_llama_generates():
     model = tiny_llama()
     input_ids = torch.randint(3, 200, (2, 23), generator=torch.Generator().manual_seed(1))
     _check_prune_then_generate(model, input_ids, torch.arange(4, 19), steps=5)
 
 
+@pytest.mark.slow  # over ~3 s on a 2-core CPU
 def test_prune_cache_smollm2_generates(smollm2):
     model, tokenizer = smollm2
     prompt = "Describe the video frame by frame: a red ball rolls across a wooden table and falls."

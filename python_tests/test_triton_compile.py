@@ -29,6 +29,8 @@ SCRIPT = ROOT / "benchmarks" / "triton_resources.py"
 TARGETS = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}  # shared memory per block, opt-in maximum
 REGISTERS_PER_SM = 65536
 
+pytestmark = pytest.mark.slow  # compiling every kernel for two targets takes ~45 s
+
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):

@@ -44,7 +44,9 @@ def _shape(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("prefill") else c for c in CASES]
+)
 def test_matches_reference(backend, dtype, case):
     shape, causal = _shape(case, backend)
     check_vda(backend, *_inputs(*shape, dtype), causal=causal)

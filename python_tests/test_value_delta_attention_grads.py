@@ -36,6 +36,7 @@ def test_grads_any_layout(backend, which, form):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", ["sum", "transposed"])
+@pytest.mark.slow  # the Triton interpreter on the prefill path
 def test_prefill_grads_any_layout(backend, dtype, form):
     check_vda(backend, *inputs(*SHAPES["prefill"], dtype), form=form, causal=form == "sum")
 
@@ -49,6 +50,7 @@ def test_half_grads_any_layout(backend, dtype, form):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.slow
 def test_grads_with_a_large_common_value(backend, shape):
     """Values 30 + N(0, 1): the row term D = rowsum(dO * O) is then ~30x the spread of
     dP that dQ depends on, which a dQ summed as two large sums would lose.
@@ -79,7 +81,10 @@ def test_grads_with_a_large_common_value(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("t,n", [(1, 1), (239, 1), (9, 9)], ids=["decode", "T>N", "prefill"])
+@pytest.mark.parametrize(
+    "t,n",
+    [pytest.param(1, 1, id="decode"), pytest.param(239, 1, id="T>N", marks=pytest.mark.slow), pytest.param(9, 9, id="prefill")],
+)
 def test_query_seeing_one_key_gets_zero_dq(backend, dtype, t, n):
     """Causal, bottom-right: query row ``T - N`` sees key 0 alone (rows before it see none),
     and key 0 carries a delta. Its softmax is 1 whatever the query, so dq is exactly 0."""
