@@ -12,15 +12,25 @@ inline reference with V' materialised, independent of naive.py).
 """
 
 import math
+import os
 
+import pytest
 import torch
 
 import vreason_kernels as vk
+from vreason_kernels.backend import EXTENSION_STATUS
 from vreason_kernels.ops.value_delta_attention import naive as vda_naive
 
 # The backends every op test runs; `cpp` cases skip where the extension is not loaded (conftest.py).
 BACKENDS = ["torch", "cpp", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# For a test or module that needs the C++ extension without a `backend` parameter (those with
+# one skip in conftest.py): skips, with the loader's reason, where the extension is not loaded,
+# unless VREASON_REQUIRE_EXTENSION=1 (make test, make test-wheel) asks for a failure instead.
+needs_extension = pytest.mark.skipif(
+    not EXTENSION_STATUS.loaded and os.environ.get("VREASON_REQUIRE_EXTENSION") != "1",
+    reason=f"C++ extension not loaded: {EXTENSION_STATUS.reason}",
+)
 # The C++ value_delta_attention suite's N: three chunks of the kernel's split.
 VDA_CPP_N = 1237
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vreason_kernels as vk
-from python_tests.helpers import BACKENDS, check_linear_entropy
+from python_tests.helpers import BACKENDS, check_linear_entropy, needs_extension
 
 R, V, D = 3, 17, 8
 
@@ -42,7 +42,8 @@ def _call(hidden=None, weight=None, bias=None, **kw):
         (dict(weight=torch.randn(V, D, device="meta")), ValueError, "weight must have the same device"),
         (dict(hidden=[[0.0] * D]), TypeError, "hidden must be a torch.Tensor"),
         (dict(bias=[0.0] * V), TypeError, "bias must be a torch.Tensor"),
-        (dict(hidden=torch.randn(R, D).double(), backend="cpp"), TypeError, "float64 is supported only by backend='torch'"),
+        pytest.param(dict(hidden=torch.randn(R, D).double(), backend="cpp"), TypeError,
+                     "float64 is supported only by backend='torch'", marks=needs_extension),
         (dict(hidden=torch.randn(R, D).double(), backend="triton"), TypeError, "float64"),
         (dict(return_logits=1), TypeError, "return_logits must be a bool"),
         (dict(return_logits=None), TypeError, "return_logits must be a bool"),

@@ -8,22 +8,17 @@ thread counts, and the kernel's own argument checks. The reference is written in
 naive.py, and run in float64 and, as the baseline, in the inputs' dtype.
 """
 
-import os
-
 import pytest
 import torch
 
 from python_tests.helpers import VDA_CPP_N as N
 from python_tests.helpers import check_vda_cpp as check_against_reference
 from python_tests.helpers import vda_cpp_inputs as make_inputs
+from python_tests.helpers import needs_extension
 from python_tests.helpers import vda_random_span as random_span
-from vreason_kernels.backend import EXTENSION_STATUS
 from vreason_kernels.ops.value_delta_attention import value_delta_attention
 
-pytestmark = pytest.mark.skipif(
-    not EXTENSION_STATUS.loaded and os.environ.get("VREASON_REQUIRE_EXTENSION") != "1",
-    reason=f"C++ extension not loaded: {EXTENSION_STATUS.reason}",
-)
+pytestmark = needs_extension
 
 
 @pytest.mark.parametrize(
