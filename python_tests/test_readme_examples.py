@@ -44,6 +44,7 @@ WITH_MODEL = [i for i, code in enumerate(RUNNABLE) if "shipped_smollm2_path" in 
 WITHOUT_MODEL = [i for i in range(len(RUNNABLE)) if i not in WITH_MODEL]
 
 
+@pytest.mark.slow  # loads the shipped SmolLM2 (~25 s) and generates
 @pytest.mark.parametrize("index", WITH_MODEL, ids=lambda i: f"block{i + 1}")
 def test_readme_block_with_the_shipped_model_runs(index, smollm2, monkeypatch, capsys):
     real = vreason_kernels.loading.load_causal_lm
