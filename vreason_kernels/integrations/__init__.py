@@ -4,24 +4,9 @@ Importing this package registers ``attn_implementation="vreason"`` with transfor
 ``from_pretrained(..., attn_implementation="vreason")`` works after it.
 """
 
-from vreason_kernels.integrations.transformers import (
-    IMPLEMENTATION,
-    ValueDeltaContext,
-    default_row_spans,
-    default_span,
-    register,
-    vreason_attention,
-    vreason_attention_forward,
-)
+from vreason_kernels.integrations import transformers
+from vreason_kernels.integrations.transformers import *  # noqa: F401,F403 (the names in its __all__)
 
-register()
+transformers.register()
 
-__all__ = [
-    "IMPLEMENTATION",
-    "ValueDeltaContext",
-    "default_row_spans",
-    "default_span",
-    "register",
-    "vreason_attention",
-    "vreason_attention_forward",
-]
+__all__ = list(transformers.__all__)
