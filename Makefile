@@ -15,6 +15,10 @@ SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp
 # PyTorch, the CUDA build and its libraries: x86_64 only (see $(LOCKED)).
 TORCH_STACK := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==
 
+# $(call copy_tracked,DIR[,PATHS]): the tracked files (under PATHS) as they are in the work
+# tree, copied into DIR. One tar reads the whole NUL-separated list (xargs could split it).
+copy_tracked = git ls-files -z $(2) | tar -c --null -T - | tar -x -C $(1)
+
 .PHONY: install test test-fast demo bench lock test-latest test-oldest wheel test-wheel gpu-wheels clean
 
 install: $(STAMP)
@@ -78,7 +82,7 @@ test-latest test-oldest: $(LOCKED)
 		-c .venv-$@/torch.txt --no-header -o .venv-$@/lock.txt
 	.venv-$@/bin/python -m pip install --no-deps -r .venv-$@/lock.txt -r $(DATA)
 	# A copy of the tracked tree, so that its editable build leaves this tree's extension alone.
-	git ls-files -z | xargs -0 tar -c | tar -x -C .venv-$@/src
+	$(call copy_tracked,.venv-$@/src)
 	cd .venv-$@/src && ../bin/python -m pip install --no-build-isolation --no-deps -e . \
 		&& VREASON_REQUIRE_EXTENSION=1 ../bin/python -m pytest -q python_tests
 
@@ -88,7 +92,7 @@ test-latest test-oldest: $(LOCKED)
 WHEEL_SRC := build/wheel-src
 wheel: $(LOCKED)
 	rm -rf $(WHEEL_SRC) dist/vreason_kernels-*.whl && mkdir -p $(WHEEL_SRC)
-	git ls-files -z | xargs -0 tar -c | tar -x -C $(WHEEL_SRC)
+	$(call copy_tracked,$(WHEEL_SRC))
 	$(PIP) wheel --no-build-isolation --no-deps -w dist $(WHEEL_SRC)
 
 # That wheel under another torch: a fresh venv with torch 2.13.0 (the CPU build) and the
@@ -106,7 +110,7 @@ test-wheel: wheel
 	grep -vE '^(torch|torchvision)==' $(LOCK) > $(WHEEL_VENV)/constraints.txt
 	$(WHEEL_VENV)/bin/python -m pip install -c $(WHEEL_VENV)/constraints.txt "$(WHEEL_TORCH)" numpy pytest triton
 	$(WHEEL_VENV)/bin/python -m pip install --no-deps dist/vreason_kernels-*.whl
-	git ls-files -z python_tests pyproject.toml | xargs -0 tar -c | tar -x -C $(WHEEL_VENV)
+	$(call copy_tracked,$(WHEEL_VENV),python_tests pyproject.toml)
 	cd $(WHEEL_VENV) && VREASON_REQUIRE_EXTENSION=1 bin/python -m pytest -q --vk-backends cpp \
 		$(addprefix python_tests/,$(WHEEL_TESTS))
 
