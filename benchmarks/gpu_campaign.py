@@ -100,7 +100,7 @@ def copy_extension() -> int:
     probe = "import importlib.util; print(importlib.util.find_spec('vreason_kernels._C').origin)"
     origin = subprocess.run([PY, "-c", probe], cwd="/", capture_output=True, text=True, check=True).stdout.strip()
     shutil.copy2(origin, ROOT / "vreason_kernels" / pathlib.Path(origin).name)
-    check = "import vreason_kernels._extension as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('extension ok')"
+    check = "from vreason_kernels.backend import EXTENSION_STATUS as s; assert s.loaded, s.reason; print('extension ok')"
     return subprocess.run([PY, "-c", check], cwd=ROOT).returncode
 
 

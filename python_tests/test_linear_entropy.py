@@ -149,7 +149,7 @@ def test_deterministic(backend):
 def test_auto_backend_on_cpu_is_cpp_when_built():
     from vreason_kernels.backend import resolve_backend
 
-    expected = "cpp" if vk._extension.HAS_EXTENSION else "torch"
+    expected = "cpp" if vk.backend.EXTENSION_STATUS.loaded else "torch"
     assert resolve_backend("auto", torch.device("cpu")) == expected
 
 

@@ -39,8 +39,6 @@ def _load() -> ExtensionStatus:
 
 
 STATUS = _load()
-HAS_EXTENSION = STATUS.loaded
-EXTENSION_ERROR = STATUS.reason
 
 if not STATUS.loaded:
     warnings.warn(

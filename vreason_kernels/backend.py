@@ -13,8 +13,7 @@ import os
 
 import torch
 
-from vreason_kernels._extension import EXTENSION_ERROR, HAS_EXTENSION
-from vreason_kernels._extension import STATUS as EXTENSION_STATUS  # noqa: F401  (loaded: bool, reason: str)
+from vreason_kernels._extension import STATUS as EXTENSION_STATUS  # (loaded: bool, reason: str)
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
@@ -46,15 +45,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        return "cpp" if HAS_EXTENSION and device.type == "cpu" else "torch"
+        return "cpp" if EXTENSION_STATUS.loaded and device.type == "cpu" else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device.type}); "
             "on CPU set TRITON_INTERPRET=1 before importing triton, or use backend='cpp'/'torch'"
         )
     if backend == "cpp":
-        if not HAS_EXTENSION:
-            raise RuntimeError(f"backend='cpp' needs the compiled extension, which failed to load: {EXTENSION_ERROR}")
+        if not EXTENSION_STATUS.loaded:
+            raise RuntimeError(f"backend='cpp' needs the compiled extension, which failed to load: {EXTENSION_STATUS.reason}")
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors only, got {device.type} tensors")
     return backend
