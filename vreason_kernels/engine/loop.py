@@ -23,6 +23,7 @@ updates therefore run on decode forwards ``t = k - 1 = 1, 2, ...`` with ``t % ev
 """
 
 from contextlib import ExitStack
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -34,11 +35,11 @@ from vreason_kernels.engine.guard import span_value_norms, warn_nan_resets, warn
 from vreason_kernels.engine.hf_cache import cache_kwargs, output_cache
 from vreason_kernels.engine.model_parts import prefill_position_ids, restored_model
 from vreason_kernels.engine.output import VReasonOutput
-from vreason_kernels.engine.run import prepare_run
+from vreason_kernels.engine.run import Run, prepare_run
 from vreason_kernels.engine.sampling import select_next_token
 from vreason_kernels.engine.spans import lite_prune
 
-__all__ = ["generate", "is_update_step"]
+__all__ = ["decode", "generate", "is_update_step"]
 
 
 def is_update_step(k: int, every: int) -> bool:
@@ -118,6 +119,15 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, generator=generator, progress=progress, model_inputs=model_inputs,
     )
+    choose = partial(select_next_token, **run.request.sampling, vocab=run.parts.vocab_rows)
+    return decode(model, run, choose)
+
+
+def decode(model, run: Run, choose: Callable[[torch.Tensor], torch.Tensor]) -> VReasonOutput:
+    """The decode loop of a prepared ``run``, shared by ``generate`` and the ``model.generate``
+    integration: they differ only in ``choose`` (logits ``[B, V]``, detached, in the head's
+    dtype -> next token ``[B]``) and in the run's recorder, which knows when a row ends.
+    The model is left as it was found, also on exceptions."""
     config, parts, request, layer, recorder = run.config, run.parts, run.request, run.layer, run.recorder
     if request.max_new_tokens == 0:
         return recorder.output(updates=0, nan_resets=0, span_size=run.spans.size if run.enabled else 0)
@@ -130,10 +140,10 @@ def generate(
             stack.enter_context(vreason_attention(model, context))
             rerun = LayerRerun(parts.layers, layer)
             stack.callback(rerun.remove)
-        return _decode(model, parts, request, recorder, config, layer, context, rerun, run.spans)
+        return _decode(model, parts, request, recorder, config, layer, context, rerun, run.spans, choose)
 
 
-def _decode(model, parts, request, recorder, config, layer, context, rerun, spans) -> VReasonOutput:
+def _decode(model, parts, request, recorder, config, layer, context, rerun, spans, choose) -> VReasonOutput:
     mask = request.attention_mask
     positions = prefill_position_ids(model, request)
     out = parts.base(
@@ -180,7 +190,7 @@ def _decode(model, parts, request, recorder, config, layer, context, rerun, span
         if update:
             fused_update(config, delta, rerun, context, cache, parts, alpha, entropy if in_graph else None)
             updates += 1
-        token = select_next_token(logits.detach(), **request.sampling, vocab=parts.vocab_rows)
+        token = choose(logits.detach())
         token = recorder.record(
             k - 1, token, entropy=entropy.detach(), entropy_ema=ema, alpha=alpha,
             delta_norm=delta.norms() if delta is not None else zeros,

@@ -1,8 +1,9 @@
-"""``Recorder``: the preallocated tokens and traces of one call, the EOS bookkeeping on
-device, the timings, and the ``VReasonOutput`` they make.
+"""``Recorder``: the preallocated tokens and traces of one call, the bookkeeping of
+finished rows on device, the timings, and the ``VReasonOutput`` they make.
 """
 
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -16,12 +17,24 @@ EOS_CHECK_INTERVAL = 8
 
 
 class Recorder:
-    """Preallocated tokens and traces; EOS bookkeeping on device."""
+    """Preallocated tokens and traces; the bookkeeping of finished rows on device.
 
-    def __init__(self, request: DecodeRequest):
+    By default (``vk.generate``) a row ends at one of the request's EOS ids, its later
+    tokens are the pad id, and the host looks at the finished rows every
+    ``EOS_CHECK_INTERVAL`` tokens. ``model.generate``'s stopping rules differ, so its
+    integration passes its own: ``row_end(token [B]) -> bool [B] or None`` (the rows that
+    this token ends; it sees every recorded token, in order), ``check_every`` and
+    ``pad_finished`` (whether finished rows get the pad id).
+    """
+
+    def __init__(self, request: DecodeRequest, *, row_end: Optional[Callable] = None,
+                 check_every: int = EOS_CHECK_INTERVAL, pad_finished: bool = True):
         b, n = request.batch, request.max_new_tokens
         device = request.input_ids.device
         self.request = request
+        self.row_end = row_end if row_end is not None else self._eos_row_end
+        self.check_every = check_every
+        self.pad_finished = pad_finished
         self.tokens = torch.full((b, n), request.pad_id, dtype=torch.long, device=device)
         self.traces = {
             name: torch.full((b, n), float("nan"), dtype=torch.float32, device=device)
@@ -45,23 +58,29 @@ class Recorder:
         self.sync()
         self.prefill_end = time.perf_counter()
 
+    def _eos_row_end(self, token: torch.Tensor) -> Optional[torch.Tensor]:
+        eos_ids = self.request.eos_ids
+        return None if eos_ids is None else torch.isin(token, eos_ids)
+
     def record(self, k: int, token: torch.Tensor, **traces: torch.Tensor) -> torch.Tensor:
         """Store step ``k`` (0-based); return the token to feed next (pad once finished)."""
-        token = torch.where(self.finished, torch.full_like(token, self.request.pad_id), token)
+        if self.pad_finished:
+            token = torch.where(self.finished, torch.full_like(token, self.request.pad_id), token)
         self.alive[:, k] = ~self.finished
         self.tokens[:, k] = token
         for name, value in traces.items():
             self.traces[name][:, k] = value.float()
-        if self.request.eos_ids is not None:
-            self.finished |= torch.isin(token, self.request.eos_ids)
+        ended = self.row_end(token)
+        if ended is not None:
+            self.finished |= ended
         self.steps = k + 1
         if self.request.progress is not None:
             self.request.progress(self.steps)
         return token
 
     def all_finished(self, k: int) -> bool:
-        """The periodic EOS check (a host sync only every ``EOS_CHECK_INTERVAL`` tokens)."""
-        return (k + 1) % EOS_CHECK_INTERVAL == 0 and bool(self.finished.all())
+        """The periodic check of finished rows (a host sync only every ``check_every`` tokens)."""
+        return (k + 1) % self.check_every == 0 and bool(self.finished.all())
 
     def output(self, **stats) -> VReasonOutput:
         self.sync()

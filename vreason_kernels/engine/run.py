@@ -5,7 +5,7 @@ engine (loop.py) and the naive reference (reference.py).
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from vreason_kernels.engine.config import VReasonConfig
 from vreason_kernels.engine.model_parts import ModelParts, model_parts
@@ -41,8 +41,10 @@ class Run:
     recorder: Recorder
 
 
-def prepare_run(model, input_ids, config, span, **request_args) -> Run:
-    """Validate a ``generate`` call (shared by the engine and the naive reference)."""
+def prepare_run(model, input_ids, config, span, *, make_recorder: Callable[[DecodeRequest], Recorder] = Recorder,
+                **request_args) -> Run:
+    """Validate a ``generate`` call (shared by the engine, the naive reference and the
+    ``model.generate`` integration, whose ``make_recorder`` brings transformers' stopping rules)."""
     config = resolve_config(config)
     parts = model_parts(model)
     request = check_request(model, input_ids, **request_args)
@@ -55,4 +57,4 @@ def prepare_run(model, input_ids, config, span, **request_args) -> Run:
         if spans.size == 0:
             warn_empty_span()
             enabled = False
-    return Run(config, parts, request, layer, spans, enabled, Recorder(request))
+    return Run(config, parts, request, layer, spans, enabled, make_recorder(request))
