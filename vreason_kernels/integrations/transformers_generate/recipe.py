@@ -16,7 +16,7 @@ from pathlib import Path
 from vreason_kernels.integrations.transformers_generate.decoding import run_generate
 from vreason_kernels.integrations.transformers_generate.unsupported import check_call_arguments
 
-GENERATE_RECIPE = str(Path(__file__).resolve().with_name("recipe"))
+GENERATE_RECIPE = str(Path(__file__).resolve().with_name("vreason_recipe"))
 
 
 def generate(model, *args, streamer=None, assistant_model=None, synced_gpus=None, tokenizer=None,
