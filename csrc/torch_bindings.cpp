@@ -19,6 +19,19 @@ STABLE_TORCH_LIBRARY(vreason_C, m) {
   m.def(
       "linear_entropy_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, float temperature, "
       "Tensor row_max, Tensor log_sum, Tensor entropy, Tensor grad_entropy, bool need_bias) -> (Tensor, Tensor)");
+  // The label log-probability with the entropy (docs/design.md §2.4). labels [R] int64: a
+  // row's label in [0, V), or any other value for none (its logp is 0). Returns (logp,
+  // entropy, row_max, log_sum, mean) f32 [R], mean = t/s = mu - row_max.
+  m.def(
+      "linear_logprob_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // From the forward's row statistics and the incoming gradients (None: that output got
+  // none, its term is skipped): (grad_hidden f32 [R, D], grad_weight f32 [V, D], grad_bias
+  // f32 [V]), each empty unless asked for. Labels outside [0, V) add no one-hot term.
+  m.def(
+      "linear_logprob_entropy_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, "
+      "Tensor row_max, Tensor log_sum, Tensor mean, Tensor? grad_logp, Tensor? grad_entropy, bool need_hidden, "
+      "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
   // Attention whose value rows at span positions are replaced by the norm-preserving
   // map v' = (v + delta) ||v|| / max(||v + delta||, eps). span_index [N] int32 maps a
   // position to its row in delta_v, or -1. attn_bias is additive f32, broadcastable

@@ -6,7 +6,8 @@ the same input, ``err(kernel) <= k * err(plain PyTorch) + floor`` with k = 2, wh
 errors are measured against the same computation in float64.
 
 The oracles: ``check_linear_entropy`` (linear_entropy against float64 autograd through
-plain PyTorch), ``check_vda`` (value_delta_attention against float64 autograd through
+plain PyTorch), ``check_linear_logprob_entropy`` (the same for the label log-probability
+and the entropy together), ``check_vda`` (value_delta_attention against float64 autograd through
 ops/value_delta_attention/naive.py) and ``check_vda_cpp`` (the C++ backend against an
 inline reference with V' materialised, independent of naive.py).
 """
@@ -181,7 +182,12 @@ def _product_scales(inputs64, temperature, grad_entropy, grad_logits):
     loss = (-(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1) * grad_entropy).sum()
     if grad_logits is not None:
         loss = loss + (logits * grad_logits).sum()
-    g = torch.autograd.grad(loss, logits)[0].abs().reshape(-1, weight.shape[0])
+    return _sum_scales(torch.autograd.grad(loss, logits)[0], hidden, weight)
+
+
+def _sum_scales(g, hidden, weight):
+    """Largest entry of |G| @ |W|, |G|^T @ |h| and sum |G| over rows, for ``G [..., V]``."""
+    g = g.abs().reshape(-1, weight.shape[0])
     rows = hidden.detach().abs().reshape(-1, hidden.shape[-1])
     scales = [(g @ weight.detach().abs()).max(), (g.transpose(0, 1) @ rows).max(), g.sum(0).max()]
     return [x.item() if x.numel() else 0.0 for x in scales]
@@ -239,6 +245,88 @@ def check_linear_entropy(
         floor += k * max((max_abs_err(j, reference) for j in jittered_outputs), default=0.0)
         assert_close_to_reference(actual, reference, baseline, k=k, atol=floor, name=name)
     return got
+
+
+# ---------------------------------------------------------------- linear_logprob_entropy
+
+def plain_logprob_entropy(hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, z_offset=None):
+    """What a user writes without this package: the logits, ``log_softmax`` gathered at the
+    label (0 on ``ignore_index`` rows) and ``plain_pytorch``'s entropy, in the inputs' dtype
+    up to the logits and float32 (float64 for float64 input) after them."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return _logprob_entropy_of(logits, labels, temperature, ignore_index, z_offset)
+
+
+def _logprob_entropy_of(logits, labels, temperature, ignore_index, z_offset=None):
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if z_offset is not None:
+        z = z + z_offset
+    log_p = torch.log_softmax(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
+    keep = labels != ignore_index
+    logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, logp, torch.zeros_like(logp)), entropy
+
+
+def run_logprob_entropy(fn, inputs, labels, grad_logp, grad_entropy, *, requires_grad=(True, True, True), **kw):
+    """``(logp, entropy, [grad of each input])``; the backward runs from the outputs whose
+    gradient is given (``None``: that output is unused), passed in the layout given."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(bool(rg))
+              for t, rg in zip(inputs, requires_grad)]
+    logp, entropy = fn(leaves[0], leaves[1], labels, leaves[2], **kw)
+    pairs = [(out, _cast_keeping_layout(g, out.dtype)) for out, g in ((logp, grad_logp), (entropy, grad_entropy))
+             if g is not None]
+    if pairs and any(t is not None and t.requires_grad for t in leaves):
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return logp, entropy, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+def check_linear_logprob_entropy(backend, hidden, weight, labels, bias, *, temperature=1.0, ignore_index=-100,
+                                 grad_logp=None, grad_entropy=None, requires_grad=(True, True, True), k=2.0):
+    """``vk.linear_logprob_entropy`` against float64 autograd through ``plain_logprob_entropy``,
+    by ``check_linear_entropy``'s rule (its docstring gives the floors: float32-sized logit
+    jitter and one float32 rounding of each gradient's final sum). Returns
+    ``{name: (error, plain PyTorch's error)}``."""
+    dtype = hidden.dtype
+    inputs = (hidden, weight, bias)
+    as64 = [None if t is None else t.double() for t in inputs]
+    kw = dict(temperature=temperature, ignore_index=ignore_index)
+    grads = dict(grad_logp=grad_logp, grad_entropy=grad_entropy, requires_grad=requires_grad)
+    ref = run_logprob_entropy(plain_logprob_entropy, as64, labels, **grads, **kw)
+    base = run_logprob_entropy(plain_logprob_entropy, inputs, labels, **grads, **kw)
+    jitters = [run_logprob_entropy(plain_logprob_entropy, as64, labels, z_offset=offset, **grads, **kw)
+               for offset in _logit_error_draws(inputs, temperature, draws=4)]
+    got = run_logprob_entropy(vk.linear_logprob_entropy, inputs, labels, backend=backend, **grads, **kw)
+
+    # The float64 gradient with respect to the logits: the scale of the gradients' final sums.
+    logits = torch.nn.functional.linear(*as64).detach().requires_grad_()
+    logp, entropy = _logprob_entropy_of(logits, labels, temperature, ignore_index)
+    loss = sum((out * g.double()).sum() for out, g in ((logp, grad_logp), (entropy, grad_entropy)) if g is not None)
+    g_logits = torch.autograd.grad(loss, logits)[0] if torch.is_tensor(loss) else torch.zeros_like(logits)
+    sum_floors = [torch.finfo(torch.float32).eps * c for c in _sum_scales(g_logits, *as64[:2])]
+
+    keep = labels != ignore_index
+    assert torch.equal(got[0].detach()[~keep], torch.zeros_like(got[0])[~keep]), "logp must be 0 at ignore_index"
+    assert bool((got[0].detach()[keep] <= 0).all()), f"logp > 0: max {got[0].detach()[keep].max().item()}"
+    errors = {}
+    checks = [("logp", 0, None), ("entropy", 1, None)] + [(n, 2, i) for i, n in enumerate(("grad hidden",
+                                                                                             "grad weight",
+                                                                                             "grad bias"))]
+    for name, slot, i in checks:
+        pick = (lambda r: r[slot]) if i is None else (lambda r: r[2][i])
+        actual, reference, baseline = pick(got), pick(ref), pick(base)
+        if reference is None:
+            assert actual is None, f"{name} should be None"
+            continue
+        want = (torch.float64 if dtype == torch.float64 else torch.float32) if i is None else dtype
+        assert actual.dtype == want and actual.shape == reference.shape, (name, actual.dtype, actual.shape)
+        floor = rounding_floor(reference, actual.dtype)
+        floor += k * max((max_abs_err(pick(j), reference) for j in jitters), default=0.0)
+        floor += k * (0.0 if i is None else sum_floors[i])
+        assert_close_to_reference(actual, reference, baseline, k=k, atol=floor, name=name)
+        errors[name] = (max_abs_err(actual, reference), max_abs_err(baseline, reference))
+    return errors
 
 
 # ---------------------------------------------------------------- value_delta_attention

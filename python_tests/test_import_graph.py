@@ -19,7 +19,7 @@ PACKAGE = "vreason_kernels"
 
 # Lowest first; a module is in the layer of the longest prefix that names it.
 LAYERS = {
-    "leaf": ["_alloc", "_checks", "_extension", "_version", "backend", "loading", "video"],
+    "leaf": ["_alloc", "_checks", "_collectives", "_extension", "_version", "backend", "loading", "video"],
     "ops": ["ops"],
     "engine": ["engine", "distributed", "reference"],
     "cli": ["integrations", "cli", "__main__", "_transformers_hook"],

@@ -33,6 +33,16 @@
 //
 // Masked vocabulary (z_j = -inf) gets e_j = 0 and contributes exactly 0: products
 // e_j * d_j are formed only for e_j > 0, so 0 * inf never occurs.
+//
+// Label log-probabilities (docs/design.md §2.4) ride on the same loops. The forward
+// copies z_y out of the logit tile that holds label y (one chunk owns it: one writer)
+// and returns log p_y = (z_y - m) - log s, which is <= 0 as formed: m is the max of the
+// same z values, and s >= 1 because the max's own term e^0 = 1 is in it. The backward
+// adds the label's coefficients to dH/dz's, per (row, vocabulary entry):
+//   dL/dz_j = -g_H p_j (z_j - mu) - g_L p_j + g_L [j == y]      (then / tau),
+// so the one-hot term lands in dW[y] through the same GEMM as the rest (no scatter),
+// and dL/dh = sum_j dL/dz_j w_j is the same coefficients against W, summed per chunk
+// and the chunks added in ascending order. Without g_L or g_H its terms are skipped.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -247,6 +257,8 @@ struct Problem {
   int64_t ldw;
   const scalar_t* bias;     // [V] or null
   scalar_t* logits;         // [R, V] or null
+  const int64_t* labels;    // [R] or null: a row's label, no label when outside [0, V)
+  float* label_z;           // [R] (with labels): the forward copies z_y here
   int64_t rows, dim, vocab;
   float inv_tau;
   bool gemm;                // GEMM tiles (many rows) or direct tiles (few rows)
@@ -348,6 +360,12 @@ void forward_chunk(const Problem<scalar_t>& p, int64_t r0, int64_t group, int64_
     const int64_t n = std::min(tile, j_end - j0);
     const WeightTile w = weight_tile(p, sc, j0, n);
     logit_tile(p, sc, w, r0, group, j0, n);
+    if (p.labels != nullptr) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t y = p.labels[r0 + g];
+        if (y >= j0 && y < j0 + n) p.label_z[r0 + g] = sc.z[g * tile + (y - j0)];
+      }
+    }
     for (int64_t g = 0; g < group; ++g) {
       const RowState st = block.row(g);
       float* e = ep + g * tile;
@@ -406,7 +424,7 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optiona
 void check_row_stat(const char* name, const Tensor& x, int64_t rows) {
   STD_TORCH_CHECK(x.is_cpu() && x.scalar_type() == ScalarType::Float && x.dim() == 1 && x.size(0) == rows &&
                       x.is_contiguous(),
-                  "linear_entropy_weight_grad (cpp): ", name, " must be a contiguous float32 CPU tensor of shape [",
+                  "linear_entropy backward (cpp): ", name, " must be a contiguous float32 CPU tensor of shape [",
                   rows, "], got ", x.scalar_type(), " ", shape_str(x.sizes()));
 }
 
@@ -419,6 +437,8 @@ Problem<scalar_t> make_problem(const Tensor& hidden32, const Tensor& weight, con
   p.ldw = weight.stride(0);
   p.bias = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
   p.logits = logits != nullptr ? logits->mutable_data_ptr<scalar_t>() : nullptr;
+  p.labels = nullptr;
+  p.label_z = nullptr;
   p.rows = hidden32.size(0);
   p.dim = hidden32.size(1);
   p.vocab = weight.size(0);
@@ -427,9 +447,19 @@ Problem<scalar_t> make_problem(const Tensor& hidden32, const Tensor& weight, con
   return p;
 }
 
+// The forward's per-row outputs; dh, mean (t/s = mu - m) and logp may be null.
+struct RowOutputs {
+  float* entropy;
+  float* dh;
+  float* row_max;
+  float* log_sum;
+  float* mean;
+  float* logp;
+};
+
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, float* dh, float* row_max,
-                  float* log_sum) {
+void forward_impl(const Problem<scalar_t>& p, const RowOutputs& out) {
+  const bool need_grad = out.dh != nullptr;
   const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
   const int64_t group_max = p.gemm ? kGemmRows : p.rows;
   const int64_t dim = p.dim;
@@ -454,14 +484,19 @@ void forward_impl(const Problem<scalar_t>& p, bool need_grad, float* entropy, fl
         for (int64_t c = 1; c < chunks; ++c) merge_state(acc, chunk_states(c).row(g), dim);
         const int64_t r = r0 + g;
         const float s = *acc.s, ts = *acc.t / s;
-        entropy[r] = std::log(s) - ts;
-        row_max[r] = *acc.m;
-        log_sum[r] = std::log(s);
+        out.entropy[r] = std::log(s) - ts;
+        out.row_max[r] = *acc.m;
+        out.log_sum[r] = std::log(s);
+        if (out.mean != nullptr) out.mean[r] = ts;
+        if (out.logp != nullptr) {
+          const int64_t y = p.labels[r];
+          out.logp[r] = y >= 0 && y < p.vocab ? (p.label_z[r] - *acc.m) - std::log(s) : 0.f;
+        }
         if (need_grad) {
           // dH/dh = -(B - (t/s) A) / (s tau)
           const float scale = -p.inv_tau / s;
-          float* out = dh + r * dim;
-          for (int64_t d = 0; d < dim; ++d) out[d] = scale * (acc.b[d] - ts * acc.a[d]);
+          float* dh = out.dh + r * dim;
+          for (int64_t d = 0; d < dim; ++d) dh[d] = scale * (acc.b[d] - ts * acc.a[d]);
         }
       }
     });
@@ -484,57 +519,115 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_entropy_fwd(const Tens
   const Tensor hidden32 = contiguous_float(hidden);
   THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_fwd", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, return_logits ? &logits : nullptr);
-    forward_impl(p, need_grad, entropy.mutable_data_ptr<float>(), need_grad ? dh.mutable_data_ptr<float>() : nullptr,
-                 row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>());
+    forward_impl(p, RowOutputs{entropy.mutable_data_ptr<float>(), need_grad ? dh.mutable_data_ptr<float>() : nullptr,
+                               row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>(), nullptr,
+                               nullptr});
   }));
   return {entropy, dh, row_max, log_sum, logits};
 }
 
-// ---------------------------------------------------------------- weight gradient
+// ---------------------------------------------------------------- backward
 
-// dW and db for the W rows of chunk c. Rows of hidden go in groups (fixed order);
-// coefficients c_rj = g_r (-p_rj (z_rj - mu_r)) / tau are laid out [j][r] so both
-// paths read them as the weights of a sum over hidden rows.
+// What the backward's coefficients are made of, per row: the forward's statistics,
+// the incoming gradients (g_ent, g_lp null when that output got none) and the labels.
+struct GradInputs {
+  const float* row_max;
+  const float* log_sum;
+  const float* mean;   // t/s = mu - m
+  const float* g_ent;  // [R] or null
+  const float* g_lp;   // [R] or null (then labels is unused)
+  const int64_t* labels;
+};
+
+// The gradients for rows [r0, r0 + group) from the W rows of chunk c: dW/db rows of the
+// chunk (gw/gb, null when not wanted) accumulate over the groups, which the caller runs
+// in ascending order; dh_part [group, D] (null when not wanted) gets this chunk's
+// sum_j c_rj w_j. Coefficients c_rj = dL/dz_rj / tau are laid out [j][r] so both paths
+// read them as the weights of a sum over hidden rows.
 template <typename scalar_t>
-void weight_grad_chunk(const Problem<scalar_t>& p, int64_t c, const float* row_max, const float* log_sum,
-                       const float* ent, const float* g_ent, float* gw, float* gb) {
+void grad_chunk(const Problem<scalar_t>& p, const GradInputs& in, int64_t c, int64_t r0, int64_t group, float* gw,
+                float* gb, float* dh_part) {
   const int64_t j_begin = c * kChunk, j_end = std::min(p.vocab, j_begin + kChunk);
   const int64_t tile = p.gemm ? j_end - j_begin : kSubRows;
-  const int64_t group_max = p.gemm ? kGemmRows : p.rows;
-  TileScratch sc = make_scratch(p, group_max, tile);
-  Tensor coef = empty_cpu({tile, group_max}, ScalarType::Float);
+  TileScratch sc = make_scratch(p, group, tile);
+  Tensor coef = empty_cpu({tile, group}, ScalarType::Float);
   float* cp = coef.mutable_data_ptr<float>();
-  std::fill(gw + j_begin * p.dim, gw + j_end * p.dim, 0.f);
-  if (gb != nullptr) std::fill(gb + j_begin, gb + j_end, 0.f);
+  if (r0 == 0 && gw != nullptr) std::fill(gw + j_begin * p.dim, gw + j_end * p.dim, 0.f);
+  if (r0 == 0 && gb != nullptr) std::fill(gb + j_begin, gb + j_end, 0.f);
+  if (dh_part != nullptr) std::fill(dh_part, dh_part + group * p.dim, 0.f);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     const int64_t n = std::min(tile, j_end - j0);
     const WeightTile w = weight_tile(p, sc, j0, n);
-    for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
-      const int64_t group = std::min(group_max, p.rows - r0);
-      logit_tile(p, sc, w, r0, group, j0, n);
-      const float* zp = sc.z;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t r = r0 + g;
-        const float scale = -g_ent[r] * p.inv_tau;
-        const float mean = log_sum[r] - ent[r];  // t/s = mu - m
-        for (int64_t j = 0; j < n; ++j) {
-          // An all-masked row (m = -inf) gives d = NaN, so prob > 0 fails: no contribution.
-          const float d = zp[g * tile + j] - row_max[r];
-          const float prob = std::exp(d - log_sum[r]);
-          cp[j * group + g] = prob > 0.f ? scale * prob * (d - mean) : 0.f;
+    logit_tile(p, sc, w, r0, group, j0, n);
+    const float* zp = sc.z;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = r0 + g;
+      const float ent_scale = in.g_ent != nullptr ? -in.g_ent[r] * p.inv_tau : 0.f;
+      const float lp_scale = in.g_lp != nullptr ? in.g_lp[r] * p.inv_tau : 0.f;
+      const int64_t label = in.g_lp != nullptr ? in.labels[r] - j0 : -1;
+      for (int64_t j = 0; j < n; ++j) {
+        // An all-masked row (m = -inf) gives d = NaN, so prob > 0 fails: no contribution.
+        const float d = zp[g * tile + j] - in.row_max[r];
+        const float prob = std::exp(d - in.log_sum[r]);
+        float cj = 0.f;
+        if (prob > 0.f) {
+          if (in.g_ent != nullptr) cj = ent_scale * prob * (d - in.mean[r]);
+          if (in.g_lp != nullptr) cj -= lp_scale * prob;
         }
+        if (j == label) cj += lp_scale;
+        cp[j * group + g] = cj;
       }
-      const float* h = p.hidden + r0 * p.dim;
+    }
+    const float* h = p.hidden + r0 * p.dim;
+    if (gw != nullptr) {
       if (p.gemm) {
         addmm_into(float_matrix(gw + j0 * p.dim, n, p.dim, p.dim), float_matrix(cp, n, group, group),
                    float_matrix(h, group, p.dim, p.dim));
       } else {
         for (int64_t j = 0; j < n; ++j) accumulate_rows(gw + (j0 + j) * p.dim, cp + j * group, 1, h, p.dim, group, p.dim);
       }
-      if (gb != nullptr)
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < group; ++g) gb[j0 + j] += cp[j * group + g];
     }
+    if (gb != nullptr)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < group; ++g) gb[j0 + j] += cp[j * group + g];
+    if (dh_part != nullptr) {
+      if (p.gemm) {
+        // dh_part [group, D] += C^T [group, n] @ W_tile [n, D]
+        addmm_into(float_matrix(dh_part, group, p.dim, p.dim), float_matrix(cp, group, n, 1, group),
+                   float_matrix(w.ptr, n, p.dim, w.ld));
+      } else {
+        for (int64_t g = 0; g < group; ++g) accumulate_rows(dh_part + g * p.dim, cp + g, group, w.ptr, w.ld, n, p.dim);
+      }
+    }
+  }
+}
+
+// dh [R, D], dW [V, D], db [V] (each null when not wanted). Rows go in groups, in
+// ascending order; within a group every vocabulary chunk is a parallel task that owns
+// its rows of dW/db and its slot of dh's per-chunk partials, which are then added in
+// ascending chunk order: the same bits at any thread count.
+template <typename scalar_t>
+void backward_impl(const Problem<scalar_t>& p, const GradInputs& in, float* dh, float* gw, float* gb) {
+  const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
+  const int64_t group_max = p.gemm ? kGemmRows : p.rows;
+  const int64_t dim = p.dim;
+  Tensor parts = dh != nullptr ? empty_cpu({chunks, group_max, dim}, ScalarType::Float) : Tensor();
+  float* pp = dh != nullptr ? parts.mutable_data_ptr<float>() : nullptr;
+  for (int64_t r0 = 0; r0 < p.rows; r0 += group_max) {
+    const int64_t group = std::min(group_max, p.rows - r0);
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        grad_chunk(p, in, c, r0, group, gw, gb, pp != nullptr ? pp + c * group_max * dim : nullptr);
+    });
+    if (dh == nullptr) continue;
+    torch::stable::parallel_for(0, group, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        float* out = dh + (r0 + g) * dim;
+        std::copy(pp + g * dim, pp + (g + 1) * dim, out);
+        const float one = 1.f;
+        for (int64_t c = 1; c < chunks; ++c) accumulate_rows(out, &one, 1, pp + (c * group_max + g) * dim, dim, 1, dim);
+      }
+    });
   }
 }
 
@@ -556,18 +649,95 @@ std::tuple<Tensor, Tensor> linear_entropy_weight_grad(const Tensor& hidden, cons
     torch::stable::zero_(gb);
     return {gw, gb};
   }
+  // t/s = log s - H: the weight gradient has no cancellation that would need the
+  // forward's own t/s (docs/design.md §2.1).
+  Tensor mean = empty_cpu({rows}, ScalarType::Float);
+  float* mp = mean.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) mp[r] = log_sum.const_data_ptr<float>()[r] - entropy.const_data_ptr<float>()[r];
   const Tensor hidden32 = contiguous_float(hidden);
   THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_entropy_weight_grad", VREASON_FLOAT_CASES([&] {
     const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
-    const int64_t chunks = (vocab + kChunk - 1) / kChunk;
-    torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        weight_grad_chunk(p, c, row_max.const_data_ptr<float>(), log_sum.const_data_ptr<float>(),
-                          entropy.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(),
-                          gw.mutable_data_ptr<float>(), need_bias ? gb.mutable_data_ptr<float>() : nullptr);
-    });
+    const GradInputs in{row_max.const_data_ptr<float>(), log_sum.const_data_ptr<float>(), mp,
+                        grad_entropy.const_data_ptr<float>(), nullptr, nullptr};
+    backward_impl(p, in, nullptr, gw.mutable_data_ptr<float>(), need_bias ? gb.mutable_data_ptr<float>() : nullptr);
   }));
   return {gw, gb};
+}
+
+// ---------------------------------------------------------------- label log-probability
+
+void check_labels(const Tensor& labels, int64_t rows) {
+  STD_TORCH_CHECK(labels.is_cpu() && labels.scalar_type() == ScalarType::Long && labels.dim() == 1 &&
+                      labels.size(0) == rows && labels.is_contiguous(),
+                  "linear_logprob_entropy (cpp): labels must be a contiguous int64 CPU tensor of shape [", rows,
+                  "], got ", labels.scalar_type(), " ", shape_str(labels.sizes()));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_logprob_entropy_fwd(const Tensor& hidden,
+                                                                              const Tensor& weight,
+                                                                              const std::optional<Tensor>& bias,
+                                                                              const Tensor& labels,
+                                                                              double temperature) {
+  check_inputs(hidden, weight, bias, temperature);
+  const int64_t rows = hidden.size(0);
+  check_labels(labels, rows);
+  const ScalarType f32 = ScalarType::Float;
+  Tensor logp = new_output({rows}, f32);
+  Tensor entropy = new_output({rows}, f32);
+  Tensor row_max = new_output({rows}, f32);
+  Tensor log_sum = new_output({rows}, f32);
+  Tensor mean = new_output({rows}, f32);
+  if (rows == 0) return {logp, entropy, row_max, log_sum, mean};
+  const Tensor hidden32 = contiguous_float(hidden);
+  Tensor label_z = empty_cpu({rows}, f32);
+  THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_logprob_entropy_fwd", VREASON_FLOAT_CASES([&] {
+    auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
+    p.labels = labels.const_data_ptr<int64_t>();
+    p.label_z = label_z.mutable_data_ptr<float>();
+    forward_impl(p, RowOutputs{entropy.mutable_data_ptr<float>(), nullptr, row_max.mutable_data_ptr<float>(),
+                               log_sum.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+                               logp.mutable_data_ptr<float>()});
+  }));
+  return {logp, entropy, row_max, log_sum, mean};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_logprob_entropy_bwd(
+    const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& labels,
+    double temperature, const Tensor& row_max, const Tensor& log_sum, const Tensor& mean,
+    const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy, bool need_hidden,
+    bool need_weight, bool need_bias) {
+  check_inputs(hidden, weight, bias, temperature);
+  const int64_t rows = hidden.size(0), dim = hidden.size(1), vocab = weight.size(0);
+  check_labels(labels, rows);
+  check_row_stat("row_max", row_max, rows);
+  check_row_stat("log_sum", log_sum, rows);
+  check_row_stat("mean", mean, rows);
+  if (grad_logp.has_value()) check_row_stat("grad_logp", *grad_logp, rows);
+  if (grad_entropy.has_value()) check_row_stat("grad_entropy", *grad_entropy, rows);
+  const ScalarType f32 = ScalarType::Float;
+  Tensor dh = new_output(need_hidden ? Shape{rows, dim} : Shape{0}, f32);
+  Tensor gw = new_output(need_weight ? Shape{vocab, dim} : Shape{0}, f32);
+  Tensor gb = new_output(need_bias ? Shape{vocab} : Shape{0}, f32);
+  if (rows == 0 || (!grad_logp.has_value() && !grad_entropy.has_value()) ||
+      (!need_hidden && !need_weight && !need_bias)) {
+    torch::stable::zero_(dh);
+    torch::stable::zero_(gw);
+    torch::stable::zero_(gb);
+    return {dh, gw, gb};
+  }
+  const Tensor hidden32 = contiguous_float(hidden);
+  THO_DISPATCH_SWITCH(hidden.scalar_type(), "linear_logprob_entropy_bwd", VREASON_FLOAT_CASES([&] {
+    const auto p = make_problem<scalar_t>(hidden32, weight, bias, temperature, nullptr);
+    const GradInputs in{row_max.const_data_ptr<float>(), log_sum.const_data_ptr<float>(),
+                        mean.const_data_ptr<float>(),
+                        grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr,
+                        grad_logp.has_value() ? grad_logp->const_data_ptr<float>() : nullptr,
+                        labels.const_data_ptr<int64_t>()};
+    backward_impl(p, in, need_hidden ? dh.mutable_data_ptr<float>() : nullptr,
+                  need_weight ? gw.mutable_data_ptr<float>() : nullptr,
+                  need_bias ? gb.mutable_data_ptr<float>() : nullptr);
+  }));
+  return {dh, gw, gb};
 }
 
 }  // namespace
@@ -576,4 +746,6 @@ std::tuple<Tensor, Tensor> linear_entropy_weight_grad(const Tensor& hidden, cons
 STABLE_TORCH_LIBRARY_IMPL(vreason_C, CPU, m) {
   m.impl("linear_entropy_fwd", TORCH_BOX(&vreason::linear_entropy_fwd));
   m.impl("linear_entropy_weight_grad", TORCH_BOX(&vreason::linear_entropy_weight_grad));
+  m.impl("linear_logprob_entropy_fwd", TORCH_BOX(&vreason::linear_logprob_entropy_fwd));
+  m.impl("linear_logprob_entropy_bwd", TORCH_BOX(&vreason::linear_logprob_entropy_bwd));
 }

@@ -11,36 +11,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# The group resolution and the all-gather are leaf helpers: the label log-probability op
+# (ops/linear_logprob_entropy) takes a process group itself.
+from vreason_kernels._collectives import all_gather, collective_device, resolve_group
 
-def resolve_group(process_group):
-    """``process_group``, or the default group (the world); a clear error when torch.distributed is not set up."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group: torch.distributed is not initialized (call init_process_group first)")
-    return dist.group.WORLD if process_group is None else process_group
-
-
-def _collective_device(process_group, device: torch.device) -> torch.device:
-    """Where ``process_group`` can communicate: the tensors' own CUDA device under NCCL, else the CPU (gloo)."""
-    backend = str(dist.get_backend(process_group))
-    if device.type == "cuda" and "nccl" in backend:
-        return device
-    if "gloo" in backend or "mpi" in backend:
-        return torch.device("cpu")
-    raise ValueError(f"process_group: backend {backend!r} cannot communicate {device.type} tensors")
-
-
-def all_gather(x: torch.Tensor, process_group) -> torch.Tensor:
-    """``[world, *x.shape]``: every rank's ``x``, in rank order (one collective; exact copies)."""
-    device = _collective_device(process_group, x.device)
-    local = x.to(device).contiguous()
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(out, local, group=process_group)
-    return torch.stack(out).to(x.device)
+__all__ = ["VocabRows", "all_gather", "all_max", "resolve_group"]
 
 
 def all_max(x: torch.Tensor, process_group) -> torch.Tensor:
     """Elementwise max of ``x`` over the ranks (exact: a max never rounds)."""
-    device = _collective_device(process_group, x.device)
+    device = collective_device(process_group, x.device)
     local = x.to(device, copy=True).contiguous()
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
     return local.to(x.device)

@@ -14,6 +14,11 @@ Notation as ``triton_one_pass`` (docs/design.md §2.1). With the row statistics 
 3. ``_logit_grad_kernel``, same grid: G written over the logits;
 4. ``dH/dh = G W`` (W read again), or ``dW += (g G)^T h`` and ``db += sum_r g_r G``.
 
+The label log-probability's backward (``ops/linear_logprob_entropy``, docs/design.md §2.4)
+takes step 3 with a label and its gradient ``g_L`` per row: G then also holds
+``g_L ([j == y] - p_j) / tau``, so its one-hot term reaches dh, dW and db through the same
+products (no scatter into dW), and either term is left out when its output got no gradient.
+
 Why: the one-pass kernel (``_forward_partials_kernel``) must carry A and B, ``[rows, D]``
 fp32 each, through the vocabulary with an online rescale. One row fits on chip (the T=1
 kernel, ``triton_decode``); 16 rows at D = 3584 are 459 KB, more than an SM holds, so it
@@ -76,11 +81,15 @@ def _logit_stats_kernel(x_ptr, m_ptr, s_ptr, t_ptr, R, V, tau, chunk,
 
 
 @triton.jit
-def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, tau, chunk,
-                       WEIGHTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, label_ptr, g_label_ptr, R, V, tau, chunk,
+                       HAS_ENTROPY: tl.constexpr, WEIGHTED: tl.constexpr, HAS_LABEL: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Overwrite one vocabulary split of stored logits with ``G = -w_r p (z - mu) / tau``.
 
-    ``w_r = g_r`` (WEIGHTED: the weight gradient's rows) or 1 (the forward's dH/dh).
+    ``w_r = g_r`` (WEIGHTED: the weight gradient's rows) or 1 (the forward's dH/dh); no
+    such term without HAS_ENTROPY. HAS_LABEL adds ``g_L,r ([j == y_r] - p_j) / tau`` with
+    the row's label ``y_r`` (a vocabulary index of these logits; none matches outside
+    ``[0, V)``) and ``g_L,r`` from ``g_label_ptr``.
     Computed relative to the row max, ``p = e^{d - log S}`` and ``z - mu = d - c`` with
     ``d = z - M`` and ``c = mu - M`` (``mean_ptr``): the absolute lse and mu, rounded to
     fp32, would each add ulp(M) to every entry (2-3x plain PyTorch's error for logits near
@@ -101,8 +110,13 @@ def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, t
     rows, row_ok, split, v_start, v_end = split_rows(R, V, chunk, BLOCK_R)
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
-    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # mu - M
-    scale = (tl.load(g_ptr + rows, mask=row_ok, other=0.0) if WEIGHTED else tl.full((BLOCK_R,), 1.0, tl.float32)) / tau
+    if HAS_ENTROPY:
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # mu - M
+        scale = (tl.load(g_ptr + rows, mask=row_ok, other=0.0) if WEIGHTED
+                 else tl.full((BLOCK_R,), 1.0, tl.float32)) / tau
+    if HAS_LABEL:
+        label = tl.load(label_ptr + rows, mask=row_ok, other=-1)
+        g_label = tl.load(g_label_ptr + rows, mask=row_ok, other=0.0) / tau
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * V
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -111,8 +125,14 @@ def _logit_grad_kernel(x_ptr, row_max_ptr, log_sum_ptr, mean_ptr, g_ptr, R, V, t
         live = z > NEG_INF
         d = tl.where(live, z - row_max[:, None], 0.0)
         p = tl.where(live, tl.exp(d - log_sum[:, None]), 0.0)
-        grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
-        if not WEIGHTED:
+        if HAS_ENTROPY:
+            grad = tl.where(live, -p * (d - mean[:, None]) * scale[:, None], 0.0)
+        else:
+            grad = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+        if HAS_LABEL:
+            grad -= p * g_label[:, None]
+            grad += tl.where(cols[None, :] == label[:, None], g_label[:, None], 0.0)
+        if HAS_ENTROPY and not WEIGHTED:
             grad = tl.where((row_max == NEG_INF)[:, None], _NAN, grad)
         tl.store(x_rows + cols[None, :], grad, mask=mask)
 
@@ -156,13 +176,18 @@ def _stats(scratch, temperature, entropy, row_max, log_sum, mean):
     merge_splits(stats, temperature, entropy, row_max, log_sum, mean=mean)
 
 
-def _logit_grad(scratch, temperature, row_max, log_sum, mean, weights=None):
-    """G over the stored logits; ``weights``: the rows' g (the weight gradient), else 1."""
+def _logit_grad(scratch, temperature, row_max, log_sum, mean, weights=None, *, entropy=True, labels=None,
+                label_weights=None):
+    """G over the stored logits; ``weights``: the rows' g (the weight gradient), else 1;
+    ``entropy=False`` leaves that term out. ``labels`` with ``label_weights``: the label
+    term of each row (see the kernel)."""
     grid, chunk, blocks = _row_launch(scratch)
     rows, vocab = scratch.shape
     _logit_grad_kernel[grid](
-        x_ptr=scratch, row_max_ptr=row_max, log_sum_ptr=log_sum, mean_ptr=mean, g_ptr=weights,
-        R=rows, V=vocab, tau=float(temperature), chunk=chunk, WEIGHTED=weights is not None, num_warps=4, **blocks,
+        x_ptr=scratch, row_max_ptr=row_max, log_sum_ptr=log_sum, mean_ptr=mean if entropy else None,
+        g_ptr=weights if entropy else None, label_ptr=labels, g_label_ptr=label_weights,
+        R=rows, V=vocab, tau=float(temperature), chunk=chunk, HAS_ENTROPY=entropy,
+        WEIGHTED=entropy and weights is not None, HAS_LABEL=labels is not None, num_warps=4, **blocks,
     )
 
 
@@ -196,6 +221,33 @@ def forward(hidden, weight, bias, temperature: float, return_logits: bool):
     return entropy, dh, row_max, log_sum, logits
 
 
+def statistics(hidden, weight, bias, temperature: float, labels):
+    """``(entropy, row_max, log_sum, mean, z_label)`` ``[R]`` fp32 from the chunks' stored logits,
+    with ``z_label`` the logit of each row's label (``labels [R]`` int64; 0 where outside
+    ``[0, V)``). For ``rows >= 1``.
+
+    The label log-probability's forward takes its statistics here rather than from the
+    one-pass kernel: ``grads`` recomputes these very logits (same chunks, same products,
+    same bits), so its ``p`` sums to 1 up to rounding. Statistics from another kernel's
+    logits, apart by an ulp of logits near 1000, left ``sum_j dL/dz_j`` at ~1e-4 and, through
+    a column of W shared by every word, dh 100x off. ``z_label`` comes from the same stored
+    logits, so ``z_y - M <= 0`` exactly.
+    """
+    rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    entropy, row_max, log_sum, mean, z_label = (new_output((rows,), **f32) for _ in range(5))
+    has = (labels >= 0) & (labels < vocab)
+    column = torch.where(has, labels, torch.zeros_like(labels))[:, None]
+    for start, end, scratch in _chunks(hidden, vocab):
+        part = slice(start, end)
+        _logits(hidden[part], weight, bias, scratch)
+        _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[part])
+        z = scratch.gather(1, column[part])[:, 0] / temperature  # the division the kernels make
+        z_label[part] = torch.where(has[part], z, torch.zeros_like(z))
+    return entropy, row_max, log_sum, mean, z_label
+
+
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):
     """``triton_backend.weight_grad``: the logits once per chunk, then ``dW += (g G)^T h``.
 
@@ -203,20 +255,40 @@ def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entr
     vocabulary-parallel head (``vreason_kernels.distributed``) holds only its own columns,
     and its G needs the statistics of the whole row.
     """
+    _, grad_weight, grad_bias = grads(hidden, weight, bias, temperature, row_max, log_sum, log_sum - entropy,
+                                      grad_entropy, None, None, need_hidden=False, need_weight=True,
+                                      need_bias=need_bias)
+    return grad_weight, grad_bias
+
+
+def grads(hidden, weight, bias, temperature: float, row_max, log_sum, mean, grad_entropy, labels, grad_label, *,
+          need_hidden: bool, need_weight: bool, need_bias: bool):
+    """``(dh [R, D] | [0], dW [V, D] | [0], db [V] | [0])``, fp32, from one G per chunk of rows.
+
+    ``grad_entropy`` and ``grad_label`` (``[R]`` or None: that term is left out) weight
+    the entropy's and the label log-probability's terms; ``labels [R]`` int64 are indices
+    into ``weight``'s rows (none outside ``[0, V)``). ``mean`` is ``mu - M``. For ``rows >= 1``.
+    """
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    grad_weight = new_output((vocab, dim), **f32)
+    grad_hidden = new_output((rows, dim) if need_hidden else (0,), **f32)
+    grad_weight = new_output((vocab, dim) if need_weight else (0,), **f32)
     grad_bias = new_output((vocab,) if need_bias else (0,), **f32)
     for start, end, scratch in _chunks(hidden, vocab):
         part = slice(start, end)
         _logits(hidden[part], weight, bias, scratch)
-        _logit_grad(scratch, temperature, row_max[part], log_sum[part], log_sum[part] - entropy[part],
-                    weights=grad_entropy[part])
-        matmul(scratch.t(), hidden[part], grad_weight, precision=precision(hidden.dtype), accumulate=start > 0)
+        _logit_grad(scratch, temperature, row_max[part], log_sum[part], mean[part],
+                    None if grad_entropy is None else grad_entropy[part], entropy=grad_entropy is not None,
+                    labels=None if grad_label is None else labels[part],
+                    label_weights=None if grad_label is None else grad_label[part])
+        if need_hidden:
+            matmul(scratch, weight, grad_hidden[part], precision=precision(hidden.dtype), split_k=True)
+        if need_weight:
+            matmul(scratch.t(), hidden[part], grad_weight, precision=precision(hidden.dtype), accumulate=start > 0)
         if need_bias:
             if start == 0:
                 torch.sum(scratch, dim=0, out=grad_bias)
             else:
                 grad_bias += scratch.sum(dim=0)
-    return grad_weight, grad_bias
+    return grad_hidden, grad_weight, grad_bias
