@@ -123,10 +123,14 @@ def generate(
     return decode(model, run, choose)
 
 
-def decode(model, run: Run, choose: Callable[[torch.Tensor], torch.Tensor]) -> VReasonOutput:
+def decode(model, run: Run, choose: Callable[[torch.Tensor], torch.Tensor], *,
+           positions: Optional[torch.Tensor] = None) -> VReasonOutput:
     """The decode loop of a prepared ``run``, shared by ``generate`` and the ``model.generate``
     integration: they differ only in ``choose`` (logits ``[B, V]``, detached, in the head's
     dtype -> next token ``[B]``) and in the run's recorder, which knows when a row ends.
+    ``positions``: the prompt's position ids where the caller has them already (the
+    integration: ``model.generate`` builds them, then may encode away the video inputs they
+    are built from); default ``prefill_position_ids``, the same function's result.
     The model is left as it was found, also on exceptions."""
     config, parts, request, layer, recorder = run.config, run.parts, run.request, run.layer, run.recorder
     if request.max_new_tokens == 0:
@@ -140,12 +144,13 @@ def decode(model, run: Run, choose: Callable[[torch.Tensor], torch.Tensor]) -> V
             stack.enter_context(vreason_attention(model, context))
             rerun = LayerRerun(parts.layers, layer)
             stack.callback(rerun.remove)
-        return _decode(model, parts, request, recorder, config, layer, context, rerun, run.spans, choose)
+        return _decode(model, parts, request, recorder, config, layer, context, rerun, run.spans, choose, positions)
 
 
-def _decode(model, parts, request, recorder, config, layer, context, rerun, spans, choose) -> VReasonOutput:
+def _decode(model, parts, request, recorder, config, layer, context, rerun, spans, choose, positions) -> VReasonOutput:
     mask = request.attention_mask
-    positions = prefill_position_ids(model, request)
+    if positions is None:
+        positions = prefill_position_ids(model, request)
     out = parts.base(
         input_ids=request.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
         **request.model_inputs,

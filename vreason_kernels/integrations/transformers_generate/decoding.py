@@ -23,8 +23,10 @@ from vreason_kernels.integrations.transformers_generate.unsupported import (
     check_generation_config,
 )
 
-# What transformers prepares for its own loop; the engine builds its own cache and positions
-# (the same positions: engine/model_parts.py prefill_position_ids).
+# What transformers prepares for its own loop; the engine builds its own cache. The prompt's
+# position_ids are the engine's too (the same _prepare_position_ids_for_generation), and are
+# taken as they are: transformers >= 5.25 then encodes the video into mm_encoder_outputs and
+# drops video_grid_thw, which mRoPE positions are built from.
 _PREPARED_FOR_ITS_LOOP = ("position_ids", "cache_position", "use_cache", "logits_to_keep")
 _CACHE_NAMES = ("cache", "past_key_values")
 # model.generate's own parameters that transformers does not hand to a custom_generate callable.
@@ -108,7 +110,7 @@ def run_generate(model, input_ids, logits_processor, stopping_criteria, generati
                          "need whole rows; use vk.generate, which samples over a sharded head")
     if streamer is not None and stream_prompt:
         streamer.put(input_ids.cpu())
-    out = decode(model, run, steps.choose)
+    out = decode(model, run, steps.choose, positions=model_kwargs.get("position_ids"))
     if streamer is not None:
         streamer.end()
     return generate_output(out, steps, generation_config)
