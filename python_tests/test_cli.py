@@ -109,6 +109,27 @@ def test_seed_makes_sampling_reproducible(tiny, capsys):
     assert any(other != first for other in others)
 
 
+def test_stream_prints_the_answer_through_a_text_streamer_and_the_folder_form(tiny, capsys, monkeypatch):
+    from transformers import TextStreamer
+
+    import vreason_kernels.integrations.transformers_generate.recipe as recipe
+
+    prompt = ["generate", "--model", tiny, "--prompt", "What is 2 + 2?", "--max-new-tokens", "8"]
+    assert main(prompt) == 0
+    answer = capsys.readouterr().out
+    puts, streamed = [], []
+    real_put, real_run = TextStreamer.put, recipe.run_generate
+    monkeypatch.setattr(TextStreamer, "put", lambda self, value: (puts.append(value), real_put(self, value))[1])
+    monkeypatch.setattr(recipe, "run_generate", lambda *a, **kw: (streamed.append(kw["stream_prompt"]),
+                                                                  real_run(*a, **kw))[1])
+    assert main([*prompt, "--stream"]) == 0
+    out = capsys.readouterr()
+    assert out.out == answer and "V-Reason, span" in out.err  # greedy: the same answer, printed as it came
+    assert streamed == [True] and len(puts) == 1 + 8  # the folder form: the prompt, then each token
+    assert main([*prompt, "--stream", "--base", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert main([*prompt, "--stream", "--json"]) == 2 and "--stream" in capsys.readouterr().err
+
+
 def test_progress_bar_on_a_terminal(tiny, capsys, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):

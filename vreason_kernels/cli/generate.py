@@ -61,6 +61,25 @@ def _sampling(args, device) -> dict:
                 generator=torch.Generator(device=device).manual_seed(args.seed))
 
 
+def _streamed(model, processor, ids, inputs, config, args):
+    """Decode through ``model.generate`` and the folder form of V-Reason, printing the answer
+    through a ``TextStreamer`` as it comes; returns the run's ``VReasonOutput``."""
+    import torch
+    from transformers import TextStreamer
+
+    from vreason_kernels.integrations.transformers_generate import GENERATE_RECIPE
+
+    sampling = dict(do_sample=False)
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)  # model.generate samples from the global generator
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    streamer = TextStreamer(getattr(processor, "tokenizer", processor), skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(ids, custom_generate=GENERATE_RECIPE, trust_remote_code=True, vreason=config,
+                         streamer=streamer, max_new_tokens=args.max_new_tokens, return_dict_in_generate=True,
+                         **sampling, **inputs)
+    return out.vreason
+
+
 def _model_path(args) -> str:
     if args.model is not None:
         return args.model
@@ -75,6 +94,9 @@ def generate_command(args) -> int:
 
     config = _config(args)
     _check_sampling_flags(args)
+    if args.stream and args.json:
+        raise UsageError("--stream prints the answer as text while it is decoded; --json prints one object at the end")
+    stream = args.stream and args.max_new_tokens > 0  # model.generate refuses to decode no token
     if args.video is not None:
         from vreason_kernels.video import check_video_file
 
@@ -92,15 +114,19 @@ def generate_command(args) -> int:
             inputs = chat_inputs(processor, args.prompt)
         inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         ids = inputs.pop("input_ids")
-        with TokenBar(args.max_new_tokens, "V-Reason" if config.enabled else "base") as bar:
-            out = generate(model, ids, config=config, max_new_tokens=args.max_new_tokens, progress=bar, **sampling,
-                           **inputs)
+        if stream:
+            out = _streamed(model, processor, ids, inputs, config, args)
+        else:
+            with TokenBar(args.max_new_tokens, "V-Reason" if config.enabled else "base") as bar:
+                out = generate(model, ids, config=config, max_new_tokens=args.max_new_tokens, progress=bar,
+                               **sampling, **inputs)
     decode = processor.batch_decode if hasattr(processor, "batch_decode") else processor.tokenizer.batch_decode
     answer = decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)[0]
     if args.json:
         print(json.dumps(_record(args, path, config, ids, answer, out), allow_nan=False, ensure_ascii=False))
     else:
-        print(answer)
+        if not stream:
+            print(answer)
         print(_summary(config, out), file=sys.stderr)
     return 0
 

@@ -143,5 +143,9 @@ def build_parser(demo, generate, demo_questions: int) -> argparse.ArgumentParser
                         "baseline")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (config, answer, sequences, stats, per-token traces) instead of text")
+    g.add_argument("--stream", action="store_true",
+                   help="print the answer as it is decoded: model.generate with V-Reason's custom_generate folder "
+                        "(vk.GENERATE_RECIPE) and a transformers TextStreamer; sampling then draws from torch's "
+                        "global generator, seeded with --seed, as model.generate does")
     g.set_defaults(func=generate)
     return parser
