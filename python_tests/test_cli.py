@@ -45,6 +45,7 @@ def _json_run(tiny, capsys, *flags):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 def test_generate_prints_an_answer_and_its_stats(loaded_smollm2, capsys):
     args = ["generate", "--prompt", "What is 2 + 2?", "--max-new-tokens", "5"]  # the shipped model by default
     assert main(args) == 0
@@ -53,6 +54,7 @@ def test_generate_prints_an_answer_and_its_stats(loaded_smollm2, capsys):
     assert "V-Reason, span" in out.err and "tokens" in out.err and "ms/token" in out.err
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 def test_demo_shows_questions_full_answers_and_whether_they_are_right(loaded_smollm2, tmp_path, capsys):
     plot = tmp_path / "figure.png"
     assert main(["demo", "--questions", "2", "--max-new-tokens", "24", "--plot", str(plot)]) == 0

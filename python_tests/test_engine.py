@@ -88,6 +88,7 @@ def test_fused_matches_reference_non_last_layer(llama):
     )
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 def test_fused_matches_reference_smollm2(smollm2):
     model, tok = smollm2
     ids = tok.apply_chat_template(
@@ -101,6 +102,7 @@ def test_fused_matches_reference_smollm2(smollm2):
     assert_same_run(fused, naive, atol=1e-3, rtol=1e-2)
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 def test_disabled_equals_model_generate(llama, smollm2):
     for model, ids in ((llama, _prompt(llama.config.vocab_size, 11, 3)), (smollm2[0], None)):
         if ids is None:

@@ -34,6 +34,7 @@ def _assert_restored(model, implementation: str = "sdpa") -> None:
     assert not any(hasattr(m, _CONTEXT_ATTR) for m in model.modules())
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 def test_smollm2_zero_delta_matches_sdpa(smollm2):
     model, tokenizer = smollm2
     assert model.config._attn_implementation == "sdpa"
