@@ -3,6 +3,9 @@ plain decoding through it is bit for bit ``model.generate``'s, V-Reason through 
 ``vk.generate``'s, both forms agree, unsupported modes fail before any forward, and the
 model is left as it was (docs/hf-generate.md)."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
@@ -10,6 +13,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.streamers import BaseStreamer
 
 import vreason_kernels as vk
+import vreason_kernels.loading
 from python_tests.tiny_models import synthetic_video_inputs, tiny_llama, tiny_qwen2_5_vl
 
 TRACES = ("entropy", "entropy_ema", "alpha", "delta_norm")
@@ -270,3 +274,17 @@ def test_smollm2_stop_strings_and_text_streamer_in_the_folder_form(smollm2, caps
     criteria = StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=[stop])])
     out = model.generate(**inputs, max_new_tokens=24, stopping_criteria=criteria, **_callable(vreason=PLAIN))
     assert torch.equal(out, expected)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "hf-generate.md"
+
+
+@pytest.mark.slow  # the shipped SmolLM2 and four generate calls
+def test_the_docs_example_runs(smollm2, monkeypatch, capsys):
+    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
+    assert blocks, "docs/hf-generate.md has no python block"
+    # load_causal_lm of the shipped GGUF gets the session's model, as loading it again would.
+    monkeypatch.setattr(vreason_kernels.loading, "load_causal_lm", lambda path, **kw: smollm2)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/hf-generate.md python block {i + 1}", "exec"), {"__name__": "__doc_example__"})
+    assert "updates of ΔV" in capsys.readouterr().out

@@ -19,7 +19,8 @@ _OUTPUT = "it returns a VReasonOutput: sequences, the entropy traces (entropy, e
 _HINTS = {
     "num_beams": "it decodes one sequence per prompt row, greedily or sampled (do_sample=True)",
     "num_return_sequences": "repeat the prompt rows (input_ids.repeat(n, 1)) and sample with do_sample=True",
-    "streamer": "the tokens are in out.sequences when the call returns",
+    "streamer": "the tokens are in out.sequences when the call returns; to stream, run V-Reason inside "
+                "model.generate(..., custom_generate=vk.GENERATE_RECIPE, trust_remote_code=True, streamer=...)",
     "output_scores": _OUTPUT,
     "output_logits": _OUTPUT,
     "return_dict_in_generate": _OUTPUT,
