@@ -49,6 +49,7 @@ from vreason_kernels.ops.linear_entropy import triton_chunked as le_chunked  # n
 from vreason_kernels.ops.linear_entropy import triton_decode as le_decode  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_matmul as le_matmul  # noqa: E402
 from vreason_kernels.ops.linear_entropy import triton_one_pass as le_one_pass  # noqa: E402
+from vreason_kernels.ops.linear_logprob_entropy import triton_backend as lpe  # noqa: E402
 from vreason_kernels.ops.value_delta_attention import triton_backend as vda  # noqa: E402
 
 
@@ -170,6 +171,30 @@ def linear_entropy_calls():
                     le.weight_grad(h, w, None, 1.0, s, s, s, s, False))
 
 
+# linear_logprob_entropy (RL training): the §6 heads and the GPU campaign's T=4096, D=4096, V=131072.
+LOGPROB_SHAPES = {**{model: (spec["D"], spec["V"]) for model, spec in MODELS.items()}, "D4096-V131k": (4096, 131072)}
+LOGPROB_TOKENS = (16, 4096)
+# Which outputs get a gradient and which inputs want one: (grad_logp, grad_entropy, hidden, weight, bias).
+LOGPROB_GRADS = {"both, all inputs": (True, True, True, True, True), "logp, hidden": (True, False, True, False, False),
+                 "entropy, weight": (False, True, False, True, False)}
+
+
+def linear_logprob_entropy_calls():
+    """(label, decode path?, call): the forward (statistics and the label's logit) and the
+    backward with each mix of incoming gradients."""
+    for name, (D, V) in LOGPROB_SHAPES.items():
+        for rows in LOGPROB_TOKENS:
+            for dname, dtype in DTYPES.items():
+                hidden, weight = _meta(rows, D, dtype=dtype), _meta(V, D, dtype=dtype)
+                labels, stat = _meta(rows, dtype=torch.int64), _meta(rows)
+                label = f"logprob {name} T={rows} {dname}"
+                yield f"{label} forward", False, lambda h=hidden, w=weight, y=labels: lpe.forward(h, w, None, y, 1.0)
+                for mode, (g_lp, g_ent, *needs) in LOGPROB_GRADS.items():
+                    yield f"{label} grads ({mode})", False, lambda h=hidden, w=weight, y=labels, s=stat, a=g_lp, \
+                        b=g_ent, n=needs: lpe.grads(h, w, None, y, 1.0, s, s, s, s if a else None, s if b else None,
+                                                    *n)
+
+
 def attention_shapes():
     """(label, B, Hkv, G, T, N, D): decode and prefill, every §6 GQA group, D in {64, 80, 128}."""
     for model, spec in MODELS.items():
@@ -263,7 +288,7 @@ def specialise(target: str, fn: JITFunction, args: tuple, kwargs: dict) -> Compi
 def recorded_compiles(target: str):
     """{Compile: [(label, decode), ...]} for every launch the launchers make at the §6 shapes."""
     out = {}
-    for calls in (linear_entropy_calls(), attention_calls()):
+    for calls in (linear_entropy_calls(), linear_logprob_entropy_calls(), attention_calls()):
         for label, decode, call in calls:
             with recording(TARGETS[target][1]) as launches:
                 call()

@@ -49,3 +49,10 @@ def run_ranks(fn, world: int, tmp_path, *args, timeout_s: float = 240.0) -> str:
             if process.is_alive():
                 process.kill()
     return out_dir
+
+
+def shard_bounds(rank: int, world: int, vocab: int) -> tuple:
+    """transformers' colwise layout: ceil(V / world) rows per rank, the last rank shorter."""
+    per = -(-vocab // world)
+    start = min(rank * per, vocab)
+    return start, min(start + per, vocab)

@@ -102,13 +102,18 @@ def plain_pytorch(hidden, weight, bias=None, *, temperature=1.0, return_logits=F
     ``z_offset`` is added to the values of z, not to its gradient (see ``check_linear_entropy``).
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
+    entropy = _log_softmax_and_entropy(logits, temperature, z_offset)[1]
+    return (entropy, logits) if return_logits else entropy
+
+
+def _log_softmax_and_entropy(logits, temperature, z_offset=None):
+    """``(log_softmax(z), entropy)`` of ``z = logits / temperature (+ z_offset)`` in at least float32."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if z_offset is not None:
         z = z + z_offset
     log_p = torch.log_softmax(z, dim=-1)
     p = torch.softmax(z, dim=-1)
-    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
-    return (entropy, logits) if return_logits else entropy
+    return log_p, -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
 
 
 def linear_entropy_inputs(lead, vocab, dim, dtype=torch.float32, *, bias=True, logit_scale=1.0, offset=0.0, device=None):
@@ -258,12 +263,7 @@ def plain_logprob_entropy(hidden, weight, labels, bias=None, *, temperature=1.0,
 
 
 def _logprob_entropy_of(logits, labels, temperature, ignore_index, z_offset=None):
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if z_offset is not None:
-        z = z + z_offset
-    log_p = torch.log_softmax(z, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
+    log_p, entropy = _log_softmax_and_entropy(logits, temperature, z_offset)
     keep = labels != ignore_index
     logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(keep, logp, torch.zeros_like(logp)), entropy

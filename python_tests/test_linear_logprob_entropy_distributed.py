@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from python_tests.distributed_utils import run_ranks
+from python_tests.distributed_utils import run_ranks, shard_bounds
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -25,10 +25,7 @@ USES = {"both": (True, True), "logp": (True, False), "entropy": (False, True)}
 
 
 def _shard_bounds(rank: int, world: int):
-    """ceil(V / world) rows per rank, the last rank shorter (uneven shards)."""
-    per = -(-VOCAB // world)
-    start = min(rank * per, VOCAB)
-    return start, min(start + per, VOCAB)
+    return shard_bounds(rank, world, VOCAB)  # uneven: 101 rows over 2 or 3 ranks
 
 
 def _problem():

@@ -68,3 +68,18 @@ def test_other_types_name_the_argument(change, error, match):
         kwargs["delta_v"] = delta[:, :, :2]
     with pytest.raises(error, match=match):
         vk.value_delta_attention(**kwargs, **change)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprob_labels_as_int32(backend):
+    """``linear_logprob_entropy`` takes int32 labels as their int64 twin; any other type of
+    ``labels`` is an error naming it."""
+    hidden, weight = torch.randn(2, 5, D), torch.randn(37, D)
+    labels = torch.randint(0, 37, (2, 5))
+    labels[0, 1] = -100
+    want = vk.linear_logprob_entropy(hidden, weight, labels, backend=backend)
+    got = vk.linear_logprob_entropy(hidden, weight, labels.int(), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for wrong in (labels.tolist(), labels.float(), labels.to(torch.int16)):
+        with pytest.raises(TypeError, match="labels"):
+            vk.linear_logprob_entropy(hidden, weight, wrong, backend=backend)

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from python_tests.distributed_utils import run_ranks
+from python_tests.distributed_utils import run_ranks, shard_bounds
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,10 +29,7 @@ BACKENDS = ("torch", "cpp", "triton")
 
 
 def _shard_bounds(rank: int, world: int, vocab: int = VOCAB):
-    """transformers' colwise layout: ceil(V / world) rows per rank, the last rank shorter."""
-    per = -(-vocab // world)
-    start = min(rank * per, vocab)
-    return start, min(start + per, vocab)
+    return shard_bounds(rank, world, vocab)
 
 
 def _problem():
