@@ -81,6 +81,10 @@ def steps(wheels) -> list:
             [PY, "benchmarks/bench_linear_entropy.py", "--device", "cuda", "--dtype", "bfloat16",
              "--out", "{out}/results/linear_entropy_cuda_bfloat16.json"],
         ), 180, ("benchmarks/bench_linear_entropy.py", "benchmarks/harness.py")),
+        Step("bench-logprob", "linear_logprob_entropy fwd+bwd, bf16, T=4096 D=4096 V=131072, vs materialised and chunked", (
+            [PY, "benchmarks/bench_linear_logprob_entropy.py", "--device", "cuda", "--dtype", "bfloat16",
+             "--out", "{out}/results/linear_logprob_entropy_cuda_bfloat16.json"],
+        ), 120, ("benchmarks/bench_linear_logprob_entropy.py", "benchmarks/harness.py")),
         Step("bench-attention", "value_delta_attention decode fwd+bwd and prefill vs SDPA paths, floor", (
             [PY, "benchmarks/bench_value_delta_attention.py", "--device", "cuda", "--dtype", "bfloat16",
              "--out", "{out}/results/value_delta_attention_cuda_bfloat16.json"],

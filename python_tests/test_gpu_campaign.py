@@ -23,8 +23,8 @@ def _load():
 
 
 campaign = _load()
-NAMES = ["env", "peers", "build", "tests", "sync", "sanitize", "bench-linear-entropy", "bench-attention",
-         "bench-generate", "summary"]
+NAMES = ["env", "peers", "build", "tests", "sync", "sanitize", "bench-linear-entropy", "bench-logprob",
+         "bench-attention", "bench-generate", "summary"]
 
 
 def test_dry_run_lists_every_step_in_order(capsys, tmp_path):
@@ -60,19 +60,19 @@ def _benchmark_module(script: str):
 def test_benchmark_steps_follow_the_harness_command_line(tmp_path):
     """Every bench step's arguments parse with its script's own parser (the harness's
     ``--device``/``--dtype``/``--out`` plus the script's options), run on CUDA, and write
-    their record into the campaign folder."""
-    benches = 0
+    their record into the campaign folder; every ``benchmarks/bench_*.py`` has its step."""
+    benches = set()
     for step in campaign.steps(wheels=None):
         for argv in step.commands:
             argv = [a.format(out=tmp_path, site=tmp_path / "site") for a in argv]
             scripts = [i for i, arg in enumerate(argv) if arg.startswith("benchmarks/bench_")]
             if not scripts:
                 continue
-            benches += 1
+            benches.add(argv[scripts[0]])
             args = _benchmark_module(argv[scripts[0]]).build_parser().parse_args(argv[scripts[0] + 1:])
             assert args.device == "cuda", f"step {step.name} does not ask for CUDA"
             assert args.out is not None and args.out.parent == tmp_path / "results", step.name
-    assert benches == 3
+    assert benches == {f"benchmarks/{p.name}" for p in (campaign.ROOT / "benchmarks").glob("bench_*.py")}
 
 
 @pytest.mark.parametrize(
