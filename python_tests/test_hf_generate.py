@@ -68,6 +68,7 @@ DECODING = {
     "repetition-penalty": dict(do_sample=False, repetition_penalty=1.5),
     "sampled": dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
     "min-new-tokens-bad-words": dict(do_sample=False, min_new_tokens=12, bad_words_ids=[[5], [7, 8]]),
+    "two-samples-a-prompt": dict(do_sample=True, num_return_sequences=2),  # rows repeated before decoding
 }
 
 
