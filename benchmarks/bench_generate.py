@@ -63,7 +63,7 @@ def measure(fn, repeats, device):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_common_args(parser, dtypes=("float32", "bfloat16"), default_dtype="float32 on cpu, bfloat16 on cuda",
+    harness.add_common_args(parser, dtypes=("float32", "bfloat16"), default_dtype=harness.DEVICE_DTYPES,
                             quick_help="8 new tokens, 2 repeats")
     parser.add_argument("--span", type=int, default=2048, help="video span length of the CUDA model (default 2048)")
     parser.add_argument("--new", type=int, default=32, help="new tokens per run (default 32)")
@@ -73,8 +73,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = harness.resolve_device(args.device)
-    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    device, dtype = harness.resolve_device_and_dtype(args)
     if args.quick:
         args.new, args.repeats = min(args.new, 8), min(args.repeats, 2)
     if device == "cuda":

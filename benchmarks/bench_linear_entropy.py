@@ -30,8 +30,6 @@ The record (benchmarks/harness.py) goes to ``--out``, by default
 """
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -146,13 +144,6 @@ def cpu_case(shape, tokens, dtype_name, backend):
     return {"ms": timing["ms"], "reps": timing["reps"], "peak_mb": harness.mib(memory.stop())}
 
 
-def run_cpu_case_subprocess(shape, tokens, dtype_name, backend):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps([shape, tokens, dtype_name, backend])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def available_memory():
     """MemAvailable from /proc/meminfo in bytes (inf where it cannot be read)."""
@@ -181,7 +172,7 @@ def bench_cpu(cases, dtype_name):
                 if not fits:
                     row["note"] = f"torch reference skipped: needs ~{need / 2**30:.1f} GiB"
                     continue
-            res = run_cpu_case_subprocess(shape, tokens, dtype_name, backend)
+            res = harness.case_in_subprocess(__file__, shape, tokens, dtype_name, backend)
             if "error" in res:
                 row["note"] = f"{backend}: {res['error']}"
                 continue
@@ -251,22 +242,19 @@ def bench_gpu(cases, dtype_name, bandwidth):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_common_args(parser, dtypes=DTYPES, default_dtype="float32 on cpu, bfloat16 on cuda",
-                            quick_help="T=1 and 16 at the 3B shape only")
+    harness.add_common_args(parser, dtypes=DTYPES, default_dtype=harness.DEVICE_DTYPES,
+                            quick_help="T=1 and 16 at the 3B shape only", cases=True)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"subset of {TOKENS}")
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="GPU memory bandwidth for the floor, B/s")
-    parser.add_argument("--_case", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args._case:  # subprocess worker of the CPU benchmark
-        print(json.dumps(cpu_case(*json.loads(args._case))))
+    if harness.serve_case(args, cpu_case):  # a worker of the CPU benchmark
         return
 
-    device = harness.resolve_device(args.device)
-    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    device, dtype = harness.resolve_device_and_dtype(args)
     tokens = (1, 16) if args.quick else tuple(args.tokens or TOKENS)
     shapes = ("3B",) if args.quick else tuple(SHAPES)
     cases = [(shape, t) for shape in shapes for t in tokens]

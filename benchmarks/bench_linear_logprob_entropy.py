@@ -25,8 +25,6 @@ V=131072`` in bf16, timed with ``triton.testing.do_bench``; peak memory is
 """
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -96,13 +94,6 @@ def cpu_case(name, path, dtype_name):
     return {"ms": timing["ms"], "reps": timing["reps"], "peak_mb": harness.mib(memory.stop())}
 
 
-def _subprocess(name, path, dtype_name):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps([name, path, dtype_name])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def _ratios(row):
     for peer in ("materialised", "chunked"):
@@ -118,7 +109,7 @@ def bench_cpu(names, dtype_name):
         tokens, dim, vocab = CPU_SHAPES[name]
         row = {"shape": name, "T": tokens, "D": dim, "V": vocab}
         for path in PATHS:
-            res = _subprocess(name, path, dtype_name)
+            res = harness.case_in_subprocess(__file__, name, path, dtype_name)
             if "error" in res:
                 row["note"] = (row.get("note", "") + f" {path}: {res['error']}").strip()
                 continue
@@ -153,20 +144,16 @@ def bench_gpu(names, dtype_name):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_common_args(parser, dtypes=("float32", "bfloat16", "float16"),
-                            default_dtype="float32 on cpu, bfloat16 on cuda",
-                            quick_help=f"only {next(iter(CPU_SHAPES))} on CPU")
-    parser.add_argument("--_case", help=argparse.SUPPRESS)
+    harness.add_common_args(parser, dtypes=("float32", "bfloat16", "float16"), default_dtype=harness.DEVICE_DTYPES,
+                            quick_help=f"only {next(iter(CPU_SHAPES))} on CPU", cases=True)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args._case:  # subprocess worker of the CPU benchmark
-        print(json.dumps(cpu_case(*json.loads(args._case))))
+    if harness.serve_case(args, cpu_case):  # a worker of the CPU benchmark
         return
-    device = harness.resolve_device(args.device)
-    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    device, dtype = harness.resolve_device_and_dtype(args)
     run = harness.Run("linear_logprob_entropy",
                       f"linear_logprob_entropy: GRPO-style loss, forward + backward in hidden and W ({device}, {dtype})",
                       args, device, argv=None if argv is None else [__file__, *argv])

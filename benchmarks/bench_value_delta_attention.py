@@ -144,7 +144,7 @@ def _cpu(rows, quick, dtype, sizes=None, reps=CPU_REPS):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_common_args(parser, dtypes=DTYPES, default_dtype="float32 on cpu, bfloat16 on cuda",
+    harness.add_common_args(parser, dtypes=DTYPES, default_dtype=harness.DEVICE_DTYPES,
                             quick_help="fewer sizes (a smoke run)")
     parser.add_argument("--n", type=int, nargs="+", default=None,
                         help="cache lengths N to run instead of the defaults (prefill: the largest)")
@@ -157,8 +157,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = harness.resolve_device(args.device)
-    dtype = harness.resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    device, dtype = harness.resolve_device_and_dtype(args)
     run = harness.Run("value_delta_attention", f"value_delta_attention ({device}, {dtype})", args, device,
                       argv=None if argv is None else [__file__, *argv])
     (_gpu if device == "cuda" else _cpu)(run.rows, args.quick, getattr(torch, dtype), args.n, args.reps)

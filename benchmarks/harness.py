@@ -61,9 +61,15 @@ REQUIRED_FIELDS = ("schema", "benchmark", "title", "command", "argv", "date", "g
 # ---------------------------------------------------------------------------- command line
 
 
+# What resolve_device_and_dtype picks when --dtype is omitted, for the help text.
+DEVICE_DTYPES = "float32 on cpu, bfloat16 on cuda"
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, dtypes: Iterable[str] = ("float32",),
-                    default_dtype: Optional[str] = None, quick_help: str = "the smoke-sized subset") -> None:
-    """Add ``--device``, ``--dtype``, ``--quick`` and ``--out`` to ``parser``.
+                    default_dtype: Optional[str] = None, quick_help: str = "the smoke-sized subset",
+                    cases: bool = False) -> None:
+    """Add ``--device``, ``--dtype``, ``--quick`` and ``--out`` to ``parser`` (and with
+    ``cases``, the hidden argument of ``case_in_subprocess``'s workers).
 
     ``--dtype`` defaults to None, resolved by ``resolve_dtype`` to ``default_dtype`` (which may
     depend on the device, e.g. bf16 on CUDA), so a record states the dtype that actually ran.
@@ -76,6 +82,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, dtypes: Iterable[str] = 
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON record to write (default: benchmarks/results/<name>.json)")
+    if cases:
+        parser.add_argument("--_case", help=argparse.SUPPRESS)
 
 
 def resolve_device(name: str) -> str:
@@ -91,6 +99,13 @@ def resolve_device(name: str) -> str:
 def resolve_dtype(args: argparse.Namespace, default: str) -> str:
     args.dtype = args.dtype or default
     return args.dtype
+
+
+def resolve_device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """``(device, dtype)`` for the kernel benchmarks: ``--dtype`` or, when omitted, bf16 on
+    CUDA (the dtype models run in there) and fp32 on the CPU (what the CPU kernels target)."""
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
 
 
 def default_out(stem: str, args: argparse.Namespace) -> Path:
@@ -189,6 +204,27 @@ def peak_memory(fn: Callable[[], object], device: str) -> Optional[int]:
 
 def mib(nbytes: Optional[int]) -> Optional[float]:
     return None if nbytes is None else nbytes / 2**20
+
+
+# A CPU case whose peak RSS is measured runs in a process of its own: the high-water mark
+# then holds that case alone, not whatever the cases before it left resident.
+def serve_case(args: argparse.Namespace, case: Callable[..., dict]) -> bool:
+    """In a worker (``--_case`` given, see ``add_common_args(cases=True)``): print
+    ``case(*arguments)`` as JSON and return True."""
+    if not args._case:
+        return False
+    print(json.dumps(case(*json.loads(args._case))))
+    return True
+
+
+def case_in_subprocess(script: str, *arguments) -> dict:
+    """``script``'s ``case(*arguments)`` run in a fresh interpreter (``serve_case``); its
+    dict, or ``{"error": last line of stderr}`` when the worker failed."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--_case", json.dumps(list(arguments))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- provenance
