@@ -104,13 +104,13 @@ WHEEL_VENV  := .venv-test-wheel
 WHEEL_TORCH := torch==2.13.0
 WHEEL_TESTS := test_extension_load.py test_linear_entropy.py test_linear_entropy_accuracy.py \
 	test_linear_entropy_bad_input.py test_value_delta_attention.py test_value_delta_attention_bad_input.py \
-	test_value_delta_attention_cpp.py test_value_delta_attention_grads.py
+	test_value_delta_attention_cpp.py test_value_delta_attention_grads.py test_linear_logprob_entropy.py
 test-wheel: wheel
 	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
 	grep -vE '^(torch|torchvision)==' $(LOCK) > $(WHEEL_VENV)/constraints.txt
 	$(WHEEL_VENV)/bin/python -m pip install -c $(WHEEL_VENV)/constraints.txt "$(WHEEL_TORCH)" numpy pytest triton
 	$(WHEEL_VENV)/bin/python -m pip install --no-deps dist/vreason_kernels-*.whl
-	$(call copy_tracked,$(WHEEL_VENV),python_tests pyproject.toml)
+	$(call copy_tracked,$(WHEEL_VENV),python_tests pyproject.toml docs/rl-training.md)
 	cd $(WHEEL_VENV) && VREASON_REQUIRE_EXTENSION=1 bin/python -m pytest -q --vk-backends cpp \
 		$(addprefix python_tests/,$(WHEEL_TESTS))
 
