@@ -17,7 +17,7 @@ import torch
 
 import vreason_kernels as vk
 from python_tests.helpers import (
-    BACKENDS, DTYPES, check_linear_logprob_entropy, linear_entropy_inputs, plain_logprob_entropy,
+    BACKENDS, DTYPES, check_linear_logprob_entropy, linear_entropy_inputs, needs_extension, plain_logprob_entropy,
 )
 from vreason_kernels.ops.linear_logprob_entropy import naive
 
@@ -204,8 +204,13 @@ def test_float64_on_the_torch_backend():
     want = plain_logprob_entropy(hidden, weight, labels, bias)
     assert logp.dtype == entropy.dtype == torch.float64
     torch.testing.assert_close((logp, entropy), want, rtol=1e-12, atol=1e-12)
+
+
+@needs_extension
+def test_float64_is_refused_by_the_cpp_backend():
+    hidden, weight, bias = linear_entropy_inputs(LEAD, VOCAB, DIM, torch.float64)
     with pytest.raises(TypeError, match="hidden"):
-        vk.linear_logprob_entropy(hidden, weight, labels, bias, backend="cpp")
+        vk.linear_logprob_entropy(hidden, weight, _labels(LEAD, VOCAB), bias, backend="cpp")
 
 
 def test_the_reference_goes_in_chunks_of_rows(monkeypatch):
