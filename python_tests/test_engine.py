@@ -1,6 +1,7 @@
 """The V-Reason engine (``vk.generate``) against the naive ``vk.reference.generate``,
 the model's own ``generate``, and its robustness contract (CPU)."""
 
+import inspect
 import warnings
 
 import pytest
@@ -374,3 +375,8 @@ def test_decode_loop_has_no_per_token_host_sync(llama):
         assert _host_syncs(decode(15)) - _host_syncs(decode(7)) <= 1
     finally:
         llama.cpu()
+
+
+def test_reference_takes_the_same_arguments_as_the_engine():
+    # The reference is the spec of vk.generate: any call of one must be a call of the other.
+    assert inspect.signature(vk.reference.generate) == inspect.signature(vk.generate)
