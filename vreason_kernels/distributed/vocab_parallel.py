@@ -27,20 +27,21 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from vreason_kernels._checks import FLOAT_DTYPES
+from vreason_kernels._collectives import agree, summary_device
 from vreason_kernels.backend import BACKENDS, resolve_backend_for
 from vreason_kernels.distributed.collectives import all_gather, resolve_group
 from vreason_kernels.ops.linear_entropy import (
     Partials, check_args, finish, linear_entropy_weight_grad, merge_partials, slice_partials,
 )
 
-# What every rank tells the others before the partials travel (one small all-gather):
-# a mismatch would otherwise surface as an all-gather of different sizes (a hang or an
-# opaque transport error) or as a silently wrong merge.
-_META = ("ok", "vocab rows", "D", "rows", "dtype", "temperature", "need_grad", "backend")
+# What every rank tells the others before the partials travel (_collectives.agree): the
+# names, and which must agree ({name: the argument an error names}).
+_SUMMARY = ("vocab rows", "D", "rows", "dtype", "temperature", "need_grad", "backend")
+_SAME = {"D": "weight/hidden", "rows": "hidden", "dtype": "hidden", "temperature": "temperature",
+         "need_grad": "hidden.requires_grad", "backend": "backend"}
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -85,38 +86,8 @@ def _local_check(hidden, weight, bias, temperature, return_logits, backend) -> s
     return resolve_backend_for(backend, "hidden", hidden)
 
 
-def _meta_device(hidden, process_group) -> torch.device:
-    """Where the argument check travels: hidden's device, or (hidden not even a tensor) the
-    current CUDA device under NCCL, else the CPU, so that a bad rank still joins the check."""
-    if isinstance(hidden, Tensor):
-        return hidden.device
-    nccl = "nccl" in str(dist.get_backend(process_group)) and torch.cuda.is_available()
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-def _check_ranks(table: torch.Tensor, error: Optional[Exception], vocab_size: Optional[int]) -> None:
-    """Raise the same kind of error on every rank when any rank's input is bad or inconsistent."""
-    if error is not None:
-        raise error
-    bad = [rank for rank, ok in enumerate(table[:, 0].tolist()) if not ok]
-    if bad:
-        raise ValueError(f"vocab_parallel_linear_entropy: invalid input on rank(s) {bad} (see the error raised there)")
-    columns = dict(zip(_META, table.transpose(0, 1).tolist()))
-    for name, arg in (("D", "weight/hidden"), ("rows", "hidden"), ("dtype", "hidden"),
-                      ("temperature", "temperature"), ("need_grad", "hidden.requires_grad"), ("backend", "backend")):
-        values = columns[name]
-        if any(v != values[0] for v in values):
-            if name == "dtype":
-                values = [FLOAT_DTYPES[int(v)] for v in values]
-            elif name == "backend":
-                values = [BACKENDS[int(v)] for v in values]
-            raise ValueError(f"{arg}: every rank must pass the same {name}, got {values} by rank")
-    sizes = [int(v) for v in columns["vocab rows"]]
-    if vocab_size is not None and sum(sizes) != vocab_size:
-        raise ValueError(
-            f"weight: the ranks' vocabulary shards have {sizes} rows (sum {sum(sizes)}), but vocab_size={vocab_size}: "
-            "a shard of the wrong size"
-        )
+def _needs_grad(hidden) -> bool:
+    return torch.is_grad_enabled() and hidden.requires_grad
 
 
 def vocab_parallel_linear_entropy(
@@ -157,27 +128,26 @@ def vocab_parallel_linear_entropy(
     rather than leaving the others waiting in a collective.
     """
     process_group = resolve_group(process_group)
-    error, resolved = None, backend
-    try:
+    resolved = backend
+
+    def check():
+        nonlocal resolved
         resolved = _local_check(hidden, weight, bias, temperature, return_logits, backend)
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
             raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-    except (TypeError, ValueError, RuntimeError) as exc:
-        error = exc
-    ok = error is None
-    need_grad = ok and torch.is_grad_enabled() and hidden.requires_grad
-    meta = [
-        float(ok),
-        float(weight.shape[0]) if ok else -1.0,
-        float(hidden.shape[-1]) if ok else -1.0,
-        float(math.prod(hidden.shape[:-1])) if ok else -1.0,
-        float(FLOAT_DTYPES.index(hidden.dtype)) if ok else -1.0,
-        float(temperature) if ok else -1.0,
-        float(need_grad),
-        float(BACKENDS.index(resolved)) if ok else -1.0,
-    ]
-    meta = torch.tensor(meta, dtype=torch.float64, device=_meta_device(hidden, process_group))
-    _check_ranks(all_gather(meta, process_group), error, vocab_size)
+        return (weight.shape[0], hidden.shape[-1], math.prod(hidden.shape[:-1]), FLOAT_DTYPES.index(hidden.dtype),
+                temperature, _needs_grad(hidden), BACKENDS.index(resolved))
+
+    columns = agree("vocab_parallel_linear_entropy", check, _SUMMARY, process_group,
+                    summary_device(hidden, process_group), same=_SAME,
+                    decode={"dtype": FLOAT_DTYPES, "backend": BACKENDS})
+    sizes = [int(v) for v in columns["vocab rows"]]
+    if vocab_size is not None and sum(sizes) != vocab_size:
+        raise ValueError(
+            f"weight: the ranks' vocabulary shards have {sizes} rows (sum {sum(sizes)}), but vocab_size={vocab_size}: "
+            "a shard of the wrong size"
+        )
+    need_grad = _needs_grad(hidden)
 
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     rows = hidden.reshape(-1, dim).contiguous()

@@ -182,8 +182,8 @@ def _sharded_op(hidden, weight, labels, bias, temperature, ignore_index, backend
         check_args(hidden, weight, labels, bias, temperature, ignore_index)
         return resolve_backend_for(backend, "hidden", hidden)
 
-    group, resolved, offset, vocab = sharded.agree(check, hidden, weight, labels, bias, temperature, ignore_index,
-                                                   process_group)
+    group, resolved, offset, vocab = sharded.agree_on_inputs(check, hidden, weight, labels, bias, temperature,
+                                                             ignore_index, process_group)
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     rows = hidden.reshape(-1, dim).contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()

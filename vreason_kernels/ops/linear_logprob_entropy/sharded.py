@@ -15,48 +15,41 @@ all-gathered (``D`` floats per row) and added in rank order, the same on every r
 import torch
 
 from vreason_kernels._checks import FLOAT_DTYPES
-from vreason_kernels._collectives import all_gather, resolve_group
+from vreason_kernels._collectives import agree, all_gather, resolve_group, summary_device
 from vreason_kernels.backend import BACKENDS
 from vreason_kernels.ops.linear_entropy import Partials, finish, merge_partials, slice_partials
 from vreason_kernels.ops.linear_logprob_entropy.labels import label_logits, label_logprob
 
-# What every rank tells the others before the partials travel, so that a bad or
-# inconsistent input raises on every rank instead of leaving the others in a collective.
-_SAME_ON_EVERY_RANK = ("D", "rows", "dtype", "temperature", "ignore_index", "need_grad", "backend")
+# What every rank tells the others before the partials travel (_collectives.agree): the
+# names, and which must agree ({name: the argument an error names}).
+_SUMMARY = ("vocab rows", "lowest label", "highest label", "D", "rows", "dtype", "temperature", "ignore_index",
+            "need_grad", "backend")
+_SAME = {"D": "weight/hidden", "rows": "hidden", "dtype": "hidden", "temperature": "temperature",
+         "ignore_index": "ignore_index", "need_grad": "hidden.requires_grad", "backend": "backend"}
 
 
-def agree(check, hidden, weight, labels, bias, temperature, ignore_index, process_group):
+def agree_on_inputs(check, hidden, weight, labels, bias, temperature, ignore_index, process_group):
     """``(group, resolved backend, this rank's first vocabulary row, whole V)`` once every rank's
     input passed ``check`` (the single-process checks, returning the resolved backend) and
-    the ranks agree; otherwise the same kind of error on every rank. One all-gather of 13
+    the ranks agree; otherwise the same kind of error on every rank. One all-gather of 11
     floats; it reads the labels' min and max on the host (a sync on CUDA)."""
     process_group = resolve_group(process_group)
-    error, resolved, low_high = None, None, [0.0, -1.0]
-    try:
+    resolved = None
+
+    def summary():
+        nonlocal resolved
         resolved = check()
         kept = labels[labels != ignore_index]
-        if kept.numel():
-            low_high = [float(kept.min()), float(kept.max())]
-    except (TypeError, ValueError, RuntimeError) as exc:
-        error = exc
-    mine = [-1.0] * (4 + len(_SAME_ON_EVERY_RANK))
-    if error is None:
+        low_high = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, -1.0)
         need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        mine = [1.0, float(weight.shape[0]), *low_high, float(hidden.shape[-1]), float(labels.numel()),
-                float(FLOAT_DTYPES.index(hidden.dtype)), float(temperature), float(ignore_index), float(need_grad),
-                float(BACKENDS.index(resolved))]
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    table = all_gather(torch.tensor(mine, dtype=torch.float64, device=device), process_group).tolist()
-    if error is not None:
-        raise error
-    bad = [rank for rank, row in enumerate(table) if row[0] != 1.0]
-    if bad:
-        raise ValueError(f"linear_logprob_entropy: invalid input on rank(s) {bad} (see the error raised there)")
-    for i, name in enumerate(_SAME_ON_EVERY_RANK, start=4):
-        if len({row[i] for row in table}) > 1:
-            raise ValueError(f"process_group: every rank must pass the same {name}, got {[row[i] for row in table]}")
-    sizes = [int(row[1]) for row in table]
-    low, high = min(row[2] for row in table), max(row[3] for row in table)
+        return (weight.shape[0], *low_high, hidden.shape[-1], labels.numel(), FLOAT_DTYPES.index(hidden.dtype),
+                temperature, ignore_index, need_grad, BACKENDS.index(resolved))
+
+    columns = agree("linear_logprob_entropy", summary, _SUMMARY, process_group,
+                    summary_device(hidden, process_group), same=_SAME,
+                    decode={"dtype": FLOAT_DTYPES, "backend": BACKENDS})
+    sizes = [int(v) for v in columns["vocab rows"]]
+    low, high = min(columns["lowest label"]), max(columns["highest label"])
     if low < 0 or high >= sum(sizes):
         raise ValueError(f"labels must lie in [0, {sum(sizes)}) (the whole sharded vocabulary) or equal "
                          f"ignore_index={ignore_index}, got {int(low if low < 0 else high)}")
