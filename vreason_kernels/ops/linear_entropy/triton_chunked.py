@@ -221,31 +221,29 @@ def forward(hidden, weight, bias, temperature: float, return_logits: bool):
     return entropy, dh, row_max, log_sum, logits
 
 
-def statistics(hidden, weight, bias, temperature: float, labels):
-    """``(entropy, row_max, log_sum, mean, z_label)`` ``[R]`` fp32 from the chunks' stored logits,
-    with ``z_label`` the logit of each row's label (``labels [R]`` int64; 0 where outside
-    ``[0, V)``). For ``rows >= 1``.
+def statistics(hidden, weight, bias, temperature: float, columns):
+    """``(entropy, row_max, log_sum, mean, z_column)`` ``[R]`` fp32 from the chunks' stored logits,
+    with ``z_column`` each row's logit at ``columns [R]`` (int64 in ``[0, V)``: the label's
+    column). For ``rows >= 1``.
 
     The label log-probability's forward takes its statistics here rather than from the
     one-pass kernel: ``grads`` recomputes these very logits (same chunks, same products,
     same bits), so its ``p`` sums to 1 up to rounding. Statistics from another kernel's
     logits, apart by an ulp of logits near 1000, left ``sum_j dL/dz_j`` at ~1e-4 and, through
-    a column of W shared by every word, dh 100x off. ``z_label`` comes from the same stored
+    a column of W shared by every word, dh 100x off. ``z_column`` comes from the same stored
     logits, so ``z_y - M <= 0`` exactly.
     """
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    entropy, row_max, log_sum, mean, z_label = (new_output((rows,), **f32) for _ in range(5))
-    has = (labels >= 0) & (labels < vocab)
-    column = torch.where(has, labels, torch.zeros_like(labels))[:, None]
+    entropy, row_max, log_sum, mean, z_column = (new_output((rows,), **f32) for _ in range(5))
     for start, end, scratch in _chunks(hidden, vocab):
         part = slice(start, end)
         _logits(hidden[part], weight, bias, scratch)
         _stats(scratch, temperature, entropy[part], row_max[part], log_sum[part], mean[part])
-        z = scratch.gather(1, column[part])[:, 0] / temperature  # the division the kernels make
-        z_label[part] = torch.where(has[part], z, torch.zeros_like(z))
-    return entropy, row_max, log_sum, mean, z_label
+        # The division the kernels make.
+        torch.div(scratch.gather(1, columns[part, None])[:, 0], temperature, out=z_column[part])
+    return entropy, row_max, log_sum, mean, z_column
 
 
 def weight_grad(hidden, weight, bias, temperature: float, row_max, log_sum, entropy, grad_entropy, need_bias: bool):

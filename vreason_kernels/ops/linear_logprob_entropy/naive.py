@@ -17,6 +17,7 @@ import torch
 
 from vreason_kernels.backend import accumulator_dtype
 from vreason_kernels.ops.linear_entropy.naive import entropy_stats
+from vreason_kernels.ops.linear_logprob_entropy.labels import label_columns
 
 # Logit values per chunk of rows (64 MiB of float32).
 LOGIT_BUDGET = 2**24
@@ -26,12 +27,6 @@ def row_chunks(rows: int, vocab: int):
     """Slices of at most ``LOGIT_BUDGET // V`` rows (at least one) covering ``rows``."""
     size = max(1, LOGIT_BUDGET // max(vocab, 1))
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
-def _label_columns(labels, vocab: int):
-    """(has a label, the label or 0): rows without one (outside [0, V)) read column 0."""
-    has = (labels >= 0) & (labels < vocab)
-    return has, torch.where(has, labels, torch.zeros_like(labels))
 
 
 def forward(hidden, weight, bias, labels, temperature: float):
@@ -44,7 +39,7 @@ def forward(hidden, weight, bias, labels, temperature: float):
     for part in row_chunks(rows, vocab):
         entropy, logits, row_max, log_sum, _, _, _, mean = entropy_stats(hidden[part], weight, bias, temperature)
         z = logits.to(acc) / temperature  # the values entropy_stats took its max and sums of
-        has, column = _label_columns(labels[part], vocab)
+        has, column = label_columns(labels[part], vocab)
         z_label = z.gather(1, column[:, None])[:, 0]
         logp = torch.where(has, (z_label - row_max) - log_sum, torch.zeros_like(z_label))
         for out, value in zip(outputs, (logp, entropy, row_max, log_sum, mean)):
@@ -79,7 +74,7 @@ def grads(hidden, weight, bias, labels, temperature: float, row_max, log_sum, me
             coef = torch.where(live, -p * (d - mean[part, None]) * scale[:, None], coef)
         if grad_logp is not None:
             g = grad_logp[part].to(acc) / temperature
-            has, column = _label_columns(labels[part], vocab)
+            has, column = label_columns(labels[part], vocab)
             coef = coef - p * g[:, None]
             # One entry per row: a dense add of g at (r, y_r), no two writers.
             coef = coef + torch.zeros_like(coef).scatter(1, column[:, None], torch.where(has, g, 0.0)[:, None])

@@ -18,6 +18,7 @@ from vreason_kernels._checks import check_int, check_same, check_tensor
 from vreason_kernels.backend import accumulator_dtype, backend_module, resolve_backend_for
 from vreason_kernels.ops.linear_entropy import check_args as check_entropy_args
 from vreason_kernels.ops.linear_logprob_entropy import sharded
+from vreason_kernels.ops.linear_logprob_entropy.labels import has_label
 
 
 def _backend_impl(backend: str):
@@ -67,7 +68,7 @@ def label_gradient(grad_logp: Optional[Tensor], labels: Tensor, vocab: int, acc:
     if grad_logp is None:
         return None
     g = grad_logp.to(acc)
-    return torch.where((labels >= 0) & (labels < vocab), g, torch.zeros_like(g)).contiguous()
+    return torch.where(has_label(labels, vocab), g, torch.zeros_like(g)).contiguous()
 
 
 def _setup_context(ctx, inputs, output):
@@ -110,6 +111,11 @@ def check_args(hidden, weight, labels, bias, temperature, ignore_index) -> None:
     check_int("ignore_index", ignore_index)
 
 
+def _out_of_range(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """The labels that are neither ``ignore_index`` nor in ``[0, V)``."""
+    return (labels != ignore_index) & ~has_label(labels, vocab)
+
+
 def _checked_on_host(labels: Tensor) -> bool:
     """CPU labels outside a compiled graph: reading them costs no device sync and no graph break."""
     return labels.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -121,7 +127,7 @@ def check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
     (``nan_for_bad_labels`` marks them there instead)."""
     if not _checked_on_host(labels) or labels.numel() == 0:
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    bad = _out_of_range(labels, ignore_index, vocab)
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, "
@@ -139,8 +145,7 @@ def nan_for_bad_labels(logp: Tensor, labels: Tensor, ignore_index: int, vocab: i
     label (not ``ignore_index``) is outside ``[0, V)``, computed on the device without a sync."""
     if _checked_on_host(labels):
         return logp
-    flat = labels.reshape(-1)
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    bad = _out_of_range(labels.reshape(-1), ignore_index, vocab)
     return torch.where(bad, torch.full_like(logp, float("nan")), logp)
 
 

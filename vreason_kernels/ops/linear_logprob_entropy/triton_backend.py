@@ -12,14 +12,14 @@ on ``linear_entropy``'s kernels:
 import torch
 
 from vreason_kernels.ops.linear_entropy import triton_chunked
-from vreason_kernels.ops.linear_logprob_entropy.labels import label_logprob
+from vreason_kernels.ops.linear_logprob_entropy.labels import label_columns, label_logprob
 
 
 def forward(hidden, weight, bias, labels, temperature: float):
     if hidden.shape[0] == 0:
         return tuple(torch.zeros(0, dtype=torch.float32, device=hidden.device) for _ in range(5))
-    entropy, row_max, log_sum, mean, z_label = triton_chunked.statistics(hidden, weight, bias, temperature, labels)
-    has = (labels >= 0) & (labels < weight.shape[0])
+    has, column = label_columns(labels, weight.shape[0])
+    entropy, row_max, log_sum, mean, z_label = triton_chunked.statistics(hidden, weight, bias, temperature, column)
     return label_logprob(z_label, has, row_max, log_sum), entropy, row_max, log_sum, mean
 
 
