@@ -133,9 +133,7 @@ def run_with_grads(fn, inputs, grad_entropy, grad_logits=None, *, requires_grad=
     Inputs are fresh leaves (``None`` stays ``None``); the grads are cast to each
     output's dtype with their layout kept.
     """
-    leaves = [
-        None if t is None else t.detach().clone().requires_grad_(bool(rg)) for t, rg in zip(inputs, requires_grad)
-    ]
+    leaves = _fresh_leaves(inputs, requires_grad)
     out = fn(*leaves, return_logits=grad_logits is not None, **kw)
     entropy, logits = out if grad_logits is not None else (out, None)
     outputs, grads = [entropy], [_cast_keeping_layout(grad_entropy, entropy.dtype)]
@@ -143,7 +141,16 @@ def run_with_grads(fn, inputs, grad_entropy, grad_logits=None, *, requires_grad=
         outputs.append(logits)
         grads.append(_cast_keeping_layout(grad_logits, logits.dtype))
     torch.autograd.backward(outputs, grads)
-    return entropy, logits, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+    return entropy, logits, _grads_of(leaves)
+
+
+def _fresh_leaves(inputs, requires_grad):
+    """Each input as a new leaf (``None`` stays ``None``) requiring grad as asked."""
+    return [None if t is None else t.detach().clone().requires_grad_(bool(rg)) for t, rg in zip(inputs, requires_grad)]
+
+
+def _grads_of(leaves):
+    return [None if t is None or not t.requires_grad else t.grad for t in leaves]
 
 
 def _cast_keeping_layout(t, dtype):
@@ -176,26 +183,18 @@ def _logit_error_draws(inputs, temperature, draws):
     return [torch.where(finite, size * sign, 0.0) for sign in signs[:draws]]
 
 
-def _product_scales(inputs64, temperature, grad_entropy, grad_logits):
-    """Largest entry of |G| @ |W|, |G|^T @ |h| and sum |G| over rows, where G is the float64
-    loss gradient with respect to the logits: the scales of the sums that end dh, dW, db."""
+def _sum_floors(inputs64, loss_of_logits):
+    """One float32 rounding (eps x) of the largest entry of |G| @ |W|, |G|^T @ |h| and sum |G|
+    over rows, where G is the float64 gradient of ``loss_of_logits(logits)`` (None: no
+    loss) with respect to the logits: the scales of the sums that end dh, dW, db."""
     hidden, weight, bias = inputs64
     logits = torch.nn.functional.linear(hidden, weight, bias).detach().requires_grad_()
-    z = logits / temperature
-    log_p = torch.log_softmax(z, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    loss = (-(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1) * grad_entropy).sum()
-    if grad_logits is not None:
-        loss = loss + (logits * grad_logits).sum()
-    return _sum_scales(torch.autograd.grad(loss, logits)[0], hidden, weight)
-
-
-def _sum_scales(g, hidden, weight):
-    """Largest entry of |G| @ |W|, |G|^T @ |h| and sum |G| over rows, for ``G [..., V]``."""
+    loss = loss_of_logits(logits)
+    g = torch.zeros_like(logits) if loss is None else torch.autograd.grad(loss, logits)[0]
     g = g.abs().reshape(-1, weight.shape[0])
     rows = hidden.detach().abs().reshape(-1, hidden.shape[-1])
     scales = [(g @ weight.detach().abs()).max(), (g.transpose(0, 1) @ rows).max(), g.sum(0).max()]
-    return [x.item() if x.numel() else 0.0 for x in scales]
+    return [torch.finfo(torch.float32).eps * x.item() if x.numel() else 0.0 for x in scales]
 
 
 def check_linear_entropy(
@@ -213,7 +212,7 @@ def check_linear_entropy(
     error of the float64 computation on z moved by float32-sized logit errors (see
     ``_logit_error_draws``) over a few draws: the error bound is k x the larger of
     PyTorch's error and float32 logits' unavoidable one. Gradients also get k x one float32
-    rounding of their final sums (``_product_scales``): a weight column shared by every
+    rounding of their final sums (``_sum_floors``): a weight column shared by every
     word (the +1000 offset through W h) makes dH/dh there an exact 0 that every float32
     sum only reaches up to eps x 1000 x sum |dH/dz|.
     """
@@ -233,8 +232,12 @@ def check_linear_entropy(
 
     assert got[0].dtype == torch.float32 and got[0].shape == hidden.shape[:-1]
     jittered = [[j[0] for j in jitters]] + [[j[2][i] for j in jitters] for i in range(3)]
-    eps32 = torch.finfo(torch.float32).eps
-    sum_floors = [0.0] + [eps32 * c for c in _product_scales(as64, temperature, grad_entropy, grad_logits)]
+
+    def loss(logits):
+        entropy = _log_softmax_and_entropy(logits, temperature)[1]
+        return (entropy * grad_entropy).sum() + (0.0 if grad_logits is None else (logits * grad_logits).sum())
+
+    sum_floors = [0.0] + _sum_floors(as64, loss)
     checks = [("entropy", got[0], ref[0], base[0], jittered[0], 0.0)]
     if grad_logits is not None:
         assert got[1].dtype == dtype
@@ -272,14 +275,13 @@ def _logprob_entropy_of(logits, labels, temperature, ignore_index, z_offset=None
 def run_logprob_entropy(fn, inputs, labels, grad_logp, grad_entropy, *, requires_grad=(True, True, True), **kw):
     """``(logp, entropy, [grad of each input])``; the backward runs from the outputs whose
     gradient is given (``None``: that output is unused), passed in the layout given."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(bool(rg))
-              for t, rg in zip(inputs, requires_grad)]
+    leaves = _fresh_leaves(inputs, requires_grad)
     logp, entropy = fn(leaves[0], leaves[1], labels, leaves[2], **kw)
     pairs = [(out, _cast_keeping_layout(g, out.dtype)) for out, g in ((logp, grad_logp), (entropy, grad_entropy))
              if g is not None]
     if pairs and any(t is not None and t.requires_grad for t in leaves):
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    return logp, entropy, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+    return logp, entropy, _grads_of(leaves)
 
 
 def check_linear_logprob_entropy(backend, hidden, weight, labels, bias, *, temperature=1.0, ignore_index=-100,
@@ -299,12 +301,12 @@ def check_linear_logprob_entropy(backend, hidden, weight, labels, bias, *, tempe
                for offset in _logit_error_draws(inputs, temperature, draws=4)]
     got = run_logprob_entropy(vk.linear_logprob_entropy, inputs, labels, backend=backend, **grads, **kw)
 
-    # The float64 gradient with respect to the logits: the scale of the gradients' final sums.
-    logits = torch.nn.functional.linear(*as64).detach().requires_grad_()
-    logp, entropy = _logprob_entropy_of(logits, labels, temperature, ignore_index)
-    loss = sum((out * g.double()).sum() for out, g in ((logp, grad_logp), (entropy, grad_entropy)) if g is not None)
-    g_logits = torch.autograd.grad(loss, logits)[0] if torch.is_tensor(loss) else torch.zeros_like(logits)
-    sum_floors = [torch.finfo(torch.float32).eps * c for c in _sum_scales(g_logits, *as64[:2])]
+    def loss(logits):
+        outputs = zip(_logprob_entropy_of(logits, labels, temperature, ignore_index), (grad_logp, grad_entropy))
+        terms = [(out * g.double()).sum() for out, g in outputs if g is not None]
+        return sum(terms) if terms else None
+
+    sum_floors = _sum_floors(as64, loss)
 
     keep = labels != ignore_index
     assert torch.equal(got[0].detach()[~keep], torch.zeros_like(got[0])[~keep]), "logp must be 0 at ignore_index"
