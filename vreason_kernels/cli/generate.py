@@ -61,18 +61,18 @@ def _sampling(args, device) -> dict:
                 generator=torch.Generator(device=device).manual_seed(args.seed))
 
 
-def _streamed(model, processor, ids, inputs, config, args):
+def _streamed(model, processor, ids, inputs, config, args, sampling):
     """Decode through ``model.generate`` and the folder form of V-Reason, printing the answer
-    through a ``TextStreamer`` as it comes; returns the run's ``VReasonOutput``."""
+    through a ``TextStreamer`` as it comes; returns the run's ``VReasonOutput``. ``sampling``:
+    ``_sampling``'s arguments, which ``model.generate`` takes but the generator."""
     import torch
     from transformers import TextStreamer
 
     from vreason_kernels.integrations.transformers_generate import GENERATE_RECIPE
 
-    sampling = dict(do_sample=False)
-    if args.temperature > 0:
+    sampling = {"do_sample": False, **sampling}  # greedy unless asked, whatever the model's generation config says
+    if sampling.pop("generator", None) is not None:
         torch.manual_seed(args.seed)  # model.generate samples from the global generator
-        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     streamer = TextStreamer(getattr(processor, "tokenizer", processor), skip_prompt=True, skip_special_tokens=True)
     out = model.generate(ids, custom_generate=GENERATE_RECIPE, trust_remote_code=True, vreason=config,
                          streamer=streamer, max_new_tokens=args.max_new_tokens, return_dict_in_generate=True,
@@ -115,7 +115,7 @@ def generate_command(args) -> int:
         inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         ids = inputs.pop("input_ids")
         if stream:
-            out = _streamed(model, processor, ids, inputs, config, args)
+            out = _streamed(model, processor, ids, inputs, config, args, sampling)
         else:
             with TokenBar(args.max_new_tokens, "V-Reason" if config.enabled else "base") as bar:
                 out = generate(model, ids, config=config, max_new_tokens=args.max_new_tokens, progress=bar,
