@@ -61,8 +61,10 @@ REQUIRED_FIELDS = ("schema", "benchmark", "title", "command", "argv", "date", "g
 # ---------------------------------------------------------------------------- command line
 
 
-# What resolve_device_and_dtype picks when --dtype is omitted, for the help text.
-DEVICE_DTYPES = "float32 on cpu, bfloat16 on cuda"
+# The kernel benchmarks' dtype when --dtype is omitted (resolve_device_and_dtype): fp32 on the
+# CPU (what the CPU kernels target), bf16 on CUDA (the dtype models run in there).
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+DEVICE_DTYPES = ", ".join(f"{dtype} on {device}" for device, dtype in DEFAULT_DTYPE.items())  # for --help
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, dtypes: Iterable[str] = ("float32",),
@@ -102,10 +104,9 @@ def resolve_dtype(args: argparse.Namespace, default: str) -> str:
 
 
 def resolve_device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    """``(device, dtype)`` for the kernel benchmarks: ``--dtype`` or, when omitted, bf16 on
-    CUDA (the dtype models run in there) and fp32 on the CPU (what the CPU kernels target)."""
+    """``(device, dtype)`` for the kernel benchmarks: ``--dtype``, or ``DEFAULT_DTYPE`` of the device."""
     device = resolve_device(args.device)
-    return device, resolve_dtype(args, "bfloat16" if device == "cuda" else "float32")
+    return device, resolve_dtype(args, DEFAULT_DTYPE[device])
 
 
 def default_out(stem: str, args: argparse.Namespace) -> Path:
